@@ -1,0 +1,170 @@
+"""The engine's errors: one root, stable codes, serialisable to the wire."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ErrorInfo(BaseModel):
+    """A failure as data: what a failed case stores and what crosses the wire."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    message: str
+    code: str | None = None
+    retryable: bool = False
+    traceback: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        code = exc.code if isinstance(exc, TianshuError) else None
+        retryable = exc.retryable if isinstance(exc, TianshuError) else False
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(type=type(exc).__name__, message=str(exc), code=code, retryable=retryable, traceback=tb)
+
+
+class TianshuError(Exception):
+    """Root of every error the engine raises on purpose."""
+
+    code: ClassVar[str] = "tianshu_error"
+    retryable: ClassVar[bool] = False
+
+    def to_info(self) -> ErrorInfo:
+        return ErrorInfo.from_exception(self)
+
+
+class UnknownWorkflowError(TianshuError):
+    """No workflow is registered under the case's workflow code."""
+
+    code = "unknown_workflow"
+
+    def __init__(self, workflow_code: str, known: list[str] | None = None) -> None:
+        hint = f"; registered: {', '.join(sorted(known))}" if known else ""
+        super().__init__(f"unknown workflow code {workflow_code!r}{hint}")
+        self.workflow_code = workflow_code
+
+
+class DuplicateWorkflowError(TianshuError):
+    """Two workflows were registered under one code."""
+
+    code = "duplicate_workflow"
+
+
+class DuplicateStepError(TianshuError):
+    """One step name was used twice in one run without being cleared in between."""
+
+    code = "duplicate_step"
+
+    def __init__(self, case_key: str, name: str) -> None:
+        super().__init__(
+            f"step {name!r} was already used in this run of case {case_key!r}; "
+            "step names must be unique within a run (clear the step first to run it again)"
+        )
+        self.case_key = case_key
+        self.name = name
+
+
+class StepResultNotSerializableError(TianshuError):
+    """A step returned something that cannot be stored as JSON."""
+
+    code = "step_result_not_serializable"
+
+    def __init__(self, name: str, value: Any, cause: BaseException) -> None:
+        super().__init__(
+            f"step {name!r} returned a {type(value).__name__}, which cannot be stored as JSON: {cause}"
+        )
+        self.name = name
+
+
+class StepResultTooLargeError(TianshuError):
+    """A step's result is larger than the configured limit."""
+
+    code = "step_result_too_large"
+
+    def __init__(self, name: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"step {name!r} returned {size} bytes of JSON, over the limit of {limit} bytes "
+            "(EngineConfig.max_step_result_bytes); store large data elsewhere and return a reference"
+        )
+        self.name = name
+        self.size = size
+        self.limit = limit
+
+
+class CorruptCheckpointError(TianshuError):
+    """A stored checkpoint cannot be decoded into what the workflow expects."""
+
+    code = "corrupt_checkpoint"
+
+    def __init__(self, case_key: str, name: str, reason: str) -> None:
+        super().__init__(f"stored checkpoint {name!r} of case {case_key!r} is corrupt: {reason}")
+        self.case_key = case_key
+        self.name = name
+
+
+class LeaseLostError(TianshuError):
+    """This process no longer holds the case's lease: its writes are refused (fencing)."""
+
+    code = "lease_lost"
+
+    def __init__(self, case_key: str, token: int) -> None:
+        super().__init__(f"lease on case {case_key!r} with token {token} is no longer held; write refused")
+        self.case_key = case_key
+        self.token = token
+
+
+class CaseNotFoundError(TianshuError):
+    """No case has the given key."""
+
+    code = "case_not_found"
+
+    def __init__(self, case_key: str) -> None:
+        super().__init__(f"no case with key {case_key!r}")
+        self.case_key = case_key
+
+
+class CaseExistsError(TianshuError):
+    """A case with that key exists already, with another workflow code."""
+
+    code = "case_exists"
+
+
+class InvalidTokenError(TianshuError):
+    """A name that must be a single NATS subject token is not one."""
+
+    code = "invalid_token"
+
+
+class PayloadTooLargeError(TianshuError):
+    """An event payload is larger than the configured limit."""
+
+    code = "payload_too_large"
+
+
+class NonDeterminismError(TianshuError):
+    """A replay took a different path than the run that wrote the history."""
+
+    code = "non_determinism"
+
+
+class StoreUnavailableError(TianshuError):
+    """The store failed with a transient error and retries ran out."""
+
+    code = "store_unavailable"
+    retryable = True
+
+
+class FatalStepError(TianshuError):
+    """Raise (or subclass) in a step to stop `step_with_retry` at once."""
+
+    code = "fatal_step_error"
+
+
+class MigrationError(TianshuError):
+    """A database migration failed or the schema is newer than this code."""
+
+    code = "migration_error"

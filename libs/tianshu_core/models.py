@@ -1,0 +1,172 @@
+"""The engine's data model: cases, sessions, state entries, predicates and the journal."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ErrorInfo
+
+
+class ExecutionState(str, enum.Enum):
+    """Where a case is in its run: runnable, parked on a wait, or done."""
+
+    RUNNING = "running"
+    WAITING = "waiting"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class Lifecycle(str, enum.Enum):
+    """What an operator asked of a case: run normally, hold it, or stop it for good."""
+
+    NORMAL = "normal"
+    PAUSE = "pause"
+    STOP = "stop"
+
+
+TERMINAL_STATES = frozenset({ExecutionState.FINISHED, ExecutionState.FAILED})
+
+
+class Case(BaseModel):
+    """One execution of a workflow: its identity, input, progress and outcome."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    case_key: str
+    session_id: str
+    workflow_code: str
+    execution_state: ExecutionState = ExecutionState.RUNNING
+    lifecycle_state: Lifecycle = Lifecycle.NORMAL
+    parent_key: str | None = None
+    child_keys: list[str] = Field(default_factory=list)
+    resource_data: Any = None
+    private_vars: dict[str, Any] = Field(default_factory=dict)
+    processing_report: Any = None
+    finished_type: str | None = None
+    finished_description: str | None = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def is_active(self) -> bool:
+        """Runnable by a scheduler: not paused, not stopped, not done."""
+        return self.lifecycle_state is Lifecycle.NORMAL and self.execution_state not in TERMINAL_STATES
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.execution_state in TERMINAL_STATES
+
+
+class Session(BaseModel):
+    """A group of related cases that share session-scoped state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+    updated_at: datetime
+
+
+class StateEntry(BaseModel):
+    """One case-scoped state variable."""
+
+    case_key: str
+    name: str
+    data: Any
+    updated_at: datetime
+
+
+class SessionStateEntry(BaseModel):
+    """One session-scoped state variable, shared by the session's cases (last write wins)."""
+
+    session_id: str
+    name: str
+    data: Any
+    updated_at: datetime
+
+
+class PollPredicate(BaseModel):
+    """What a waiting case waits for: the next event on (resource type, resource id)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resource_type: str
+    resource_id: str
+    step_name: str
+    intent_desc: str | None = None
+
+
+class CaseFilter(BaseModel):
+    """Filters for listing and counting cases; None means any."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str | None = None
+    workflow_code: str | None = None
+    execution_state: ExecutionState | None = None
+    lifecycle_state: Lifecycle | None = None
+    parent_key: str | None = None
+
+
+class JournalKind(str, enum.Enum):
+    """The kinds of durable effect a case's journal records."""
+
+    STEP = "step"
+    STATE = "state"
+    EVENT = "event"
+    CHILD = "child"
+    TIMER = "timer"
+    CLEAR = "clear"
+    REPLAY = "replay"
+
+
+@dataclass(slots=True)
+class JournalEntry:
+    """One durable effect of a case, in order. `data` is JSON text, decoded only when read."""
+
+    case_key: str
+    seq: int
+    kind: str
+    name: str
+    data: str
+    token: int
+    created_at: datetime
+
+
+@dataclass(slots=True, frozen=True)
+class Lease:
+    """The right to run a case, fenced by a token that grows with every acquisition."""
+
+    case_key: str
+    owner: str
+    token: int
+    case: Case = field(compare=False)
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """An outside event on a resource, kept in arrival order for the retention period."""
+
+    seq: int
+    resource_type: str
+    resource_id: str
+    payload: Any
+    event_id: str | None
+    published_at: datetime
+
+
+@dataclass(slots=True, frozen=True)
+class Timer:
+    """A durable timer: wakes `case_key` at `fire_at` (engine clock)."""
+
+    case_key: str
+    name: str
+    fire_at: datetime

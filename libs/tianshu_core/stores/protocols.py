@@ -1,0 +1,172 @@
+"""What the engine persists, as protocols: a new backend implements these and nothing else.
+
+Every write made while running a case carries the lease token it was made under; a store
+refuses it (`LeaseLostError`) once another holder has taken the case (fencing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from ..models import (
+    Case,
+    CaseFilter,
+    Event,
+    JournalEntry,
+    Lease,
+    Lifecycle,
+    PollPredicate,
+    Session,
+    SessionStateEntry,
+    StateEntry,
+    Timer,
+)
+
+
+class SessionStore(Protocol):
+    """Sessions: groups of cases."""
+
+    async def upsert(self, session: Session) -> None: ...
+    async def get(self, session_id: str) -> Session | None: ...
+    async def delete(self, session_id: str) -> None: ...
+
+
+class CaseStore(Protocol):
+    """Cases. `save` is the fenced write used while running; `upsert` is the unfenced admin one."""
+
+    async def insert(self, case: Case) -> bool:
+        """Create the case unless its key exists; True when created."""
+        ...
+
+    async def upsert(self, case: Case) -> None: ...
+    async def get_by_key(self, case_key: str) -> Case | None: ...
+    async def get_by_session(self, session_id: str) -> list[Case]: ...
+    async def list(self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0) -> list[Case]:
+        """Cases matching the filter, oldest first."""
+        ...
+
+    async def count(self, flt: CaseFilter | None = None) -> int: ...
+    async def save(self, case: Case, token: int, *, release: bool = False) -> None:
+        """Write the case as its lease holder (raises LeaseLostError if fenced out)."""
+        ...
+
+    async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool: ...
+    async def mark_runnable(self, case_keys: Sequence[str]) -> list[str]:
+        """Move waiting cases to running; returns the keys that moved."""
+        ...
+
+    async def runnable(self, *, limit: int = 100, session_id: str | None = None) -> list[str]:
+        """Keys of active running cases whose lease is free, oldest first."""
+        ...
+
+    async def waiting(self, *, limit: int = 1000, session_id: str | None = None) -> list[str]: ...
+    async def delete(self, case_key: str) -> None:
+        """Remove the case and everything stored under it (purge)."""
+        ...
+
+
+class LeaseStore(Protocol):
+    """Leases by the store's own clock: one holder per case, with a growing fencing token."""
+
+    async def acquire(self, case_key: str, owner: str, ttl: float) -> Lease | None:
+        """Take the case if its lease is free or expired; None when someone else holds it."""
+        ...
+
+    async def create_leased(self, case: Case, owner: str, ttl: float) -> Lease | None:
+        """Insert a new case already leased to `owner`; None if the key exists."""
+        ...
+
+    async def renew(self, lease: Lease, ttl: float) -> bool: ...
+    async def release(self, lease: Lease) -> None: ...
+
+
+class JournalStore(Protocol):
+    """The ordered history of a case's durable effects (steps, state writes, events, children)."""
+
+    async def append(self, entry: JournalEntry) -> None:
+        """Durable on return; refused with LeaseLostError when `entry.token` is stale."""
+        ...
+
+    async def load(self, case_key: str) -> list[JournalEntry]: ...
+    async def delete_by_case(self, case_key: str) -> None: ...
+
+
+class StateStore(Protocol):
+    """Case-scoped and session-scoped variables (last write wins, no locking)."""
+
+    async def save(self, case_key: str, name: str, data: Any) -> None: ...
+    async def get(self, case_key: str, name: str) -> StateEntry | None: ...
+    async def get_all(self, case_key: str) -> list[StateEntry]: ...
+    async def delete(self, case_key: str, name: str) -> None: ...
+    async def delete_by_case(self, case_key: str) -> None: ...
+    async def save_session(self, session_id: str, name: str, data: Any) -> None: ...
+    async def get_session(self, session_id: str, name: str) -> SessionStateEntry | None: ...
+    async def get_all_session(self, session_id: str) -> list[SessionStateEntry]: ...
+    async def delete_session(self, session_id: str, name: str) -> None: ...
+    async def delete_by_session(self, session_id: str) -> None: ...
+
+
+class WaitStore(Protocol):
+    """What each waiting case waits for, indexed by resource."""
+
+    async def replace(self, case_key: str, predicates: Sequence[PollPredicate]) -> None: ...
+    async def for_case(self, case_key: str) -> list[PollPredicate]: ...
+    async def cases_waiting_on(self, resource_type: str, resource_id: str) -> list[str]: ...
+    async def delete_by_case(self, case_key: str) -> None: ...
+
+
+class EventStore(Protocol):
+    """Events per resource, in arrival order, kept for the retention period."""
+
+    async def publish(
+        self,
+        resource_type: str,
+        resource_id: str,
+        payload: Any,
+        *,
+        event_id: str | None,
+        published_at: datetime,
+        dedupe_since: datetime,
+    ) -> tuple[Event, bool]:
+        """Store the event; with an id seen since `dedupe_since`, return that one and False."""
+        ...
+
+    async def next_after(
+        self, resource_type: str, resource_id: str, *, after_seq: int, not_before: datetime
+    ) -> Event | None:
+        """The oldest event on the resource with seq > after_seq published at or after not_before."""
+        ...
+
+    async def purge_before(self, cutoff: datetime) -> int: ...
+
+
+class TimerStore(Protocol):
+    """Durable timers by the engine's clock."""
+
+    async def schedule(self, timer: Timer) -> None: ...
+    async def due(self, now: datetime, *, limit: int = 100) -> list[Timer]: ...
+    async def delete(self, case_key: str, name: str) -> None: ...
+    async def delete_by_case(self, case_key: str) -> None: ...
+
+
+@dataclass(slots=True)
+class Stores:
+    """One backend: the set of stores the engine runs on."""
+
+    sessions: SessionStore
+    cases: CaseStore
+    leases: LeaseStore
+    journal: JournalStore
+    state: StateStore
+    waits: WaitStore
+    events: EventStore
+    timers: TimerStore
+
+    async def close(self) -> None:
+        """Release the backend's resources (pools, flushers); idempotent."""
+        closer = getattr(self.journal, "aclose", None)
+        if closer is not None:
+            await closer()
