@@ -1,0 +1,158 @@
+"""Tianshu: a durable workflow engine for AI agents.
+
+A workflow is ordinary sequential async code; every `ctx.step()` is checkpointed, so a crashed
+process resumes at the last completed step, and a waiting case costs a row, not a coroutine.
+"""
+
+from .clock import Clock, ManualClock, SystemClock
+from .context import (
+    ChildHandle,
+    ChildOutcome,
+    Next,
+    SpawnConfig,
+    StageOutcome,
+    WaitTimeoutError,
+    WorkflowContext,
+)
+from .engine import (
+    Engine,
+    EngineConfig,
+    ExecutionMode,
+    PublishResult,
+    ResourceFetcher,
+    RunReport,
+    RunStatus,
+    TickOutcome,
+)
+from .errors import (
+    CaseExistsError,
+    CaseNotFoundError,
+    CorruptCheckpointError,
+    DuplicateStepError,
+    DuplicateWorkflowError,
+    ErrorInfo,
+    FatalStepError,
+    InvalidTokenError,
+    LeaseLostError,
+    MigrationError,
+    PayloadTooLargeError,
+    StepResultNotSerializableError,
+    StepResultTooLargeError,
+    StoreUnavailableError,
+    TianshuError,
+    UnknownWorkflowError,
+)
+from .models import (
+    Case,
+    CaseFilter,
+    Event,
+    ExecutionState,
+    JournalEntry,
+    JournalKind,
+    Lease,
+    Lifecycle,
+    PollPredicate,
+    Session,
+    SessionStateEntry,
+    StateEntry,
+    Timer,
+)
+from .results import Continue, Finished, Waiting, WorkflowResult
+from .retry import ErrorClass, RetryPolicy
+from .stores.memory import memory_stores
+from .stores.protocols import (
+    CaseStore,
+    EventStore,
+    JournalStore,
+    LeaseStore,
+    SessionStore,
+    StateStore,
+    Stores,
+    TimerStore,
+    WaitStore,
+)
+from .tokens import decode_token, encode_token
+from .workflow import BaseWorkflow, WorkflowRegistry, default_registry, workflow
+
+
+async def connect_postgres(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, migrate: bool = False
+) -> Stores:
+    """The Postgres backend (asyncpg). With `migrate=True` the schema is brought up to date first."""
+    from .stores.postgres import connect_postgres as _connect
+
+    return await _connect(dsn, min_size=min_size, max_size=max_size, migrate=migrate)
+
+
+__all__ = [
+    "BaseWorkflow",
+    "Case",
+    "CaseExistsError",
+    "CaseFilter",
+    "CaseNotFoundError",
+    "CaseStore",
+    "ChildHandle",
+    "ChildOutcome",
+    "Clock",
+    "Continue",
+    "CorruptCheckpointError",
+    "DuplicateStepError",
+    "DuplicateWorkflowError",
+    "Engine",
+    "EngineConfig",
+    "ErrorClass",
+    "ErrorInfo",
+    "Event",
+    "EventStore",
+    "ExecutionMode",
+    "ExecutionState",
+    "FatalStepError",
+    "Finished",
+    "InvalidTokenError",
+    "JournalEntry",
+    "JournalKind",
+    "JournalStore",
+    "Lease",
+    "LeaseLostError",
+    "LeaseStore",
+    "Lifecycle",
+    "ManualClock",
+    "MigrationError",
+    "Next",
+    "PayloadTooLargeError",
+    "PollPredicate",
+    "PublishResult",
+    "ResourceFetcher",
+    "RetryPolicy",
+    "RunReport",
+    "RunStatus",
+    "Session",
+    "SessionStateEntry",
+    "SessionStore",
+    "SpawnConfig",
+    "StageOutcome",
+    "StateEntry",
+    "StateStore",
+    "StepResultNotSerializableError",
+    "StepResultTooLargeError",
+    "StoreUnavailableError",
+    "Stores",
+    "SystemClock",
+    "TianshuError",
+    "TickOutcome",
+    "Timer",
+    "TimerStore",
+    "UnknownWorkflowError",
+    "WaitStore",
+    "WaitTimeoutError",
+    "Waiting",
+    "WorkflowContext",
+    "WorkflowRegistry",
+    "WorkflowResult",
+    "connect_postgres",
+    "decode_token",
+    "default_registry",
+    "encode_token",
+    "memory_stores",
+    "workflow",
+]

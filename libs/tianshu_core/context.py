@@ -1,0 +1,474 @@
+"""`WorkflowContext`: what a workflow uses to make its effects durable.
+
+A run replays the workflow from the top. Every durable call (`step`, `wait_for_event`, `sleep`,
+`spawn_child`, `await_children`, `set_state`) first looks for its record in the case's journal
+and returns it; only what is new is executed and appended.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from opentelemetry import trace
+from pydantic import TypeAdapter, ValidationError
+
+from . import serde
+from .errors import (
+    CorruptCheckpointError,
+    DuplicateStepError,
+    TianshuError,
+    UnknownWorkflowError,
+)
+from .models import Case, ExecutionState, JournalEntry, JournalKind, PollPredicate, Timer
+from .results import Finished, Waiting, WorkflowResult
+from .retry import RetryPolicy
+from .tokens import child_case_key, require_plain
+
+if TYPE_CHECKING:
+    from .engine import CaseRun
+
+T = TypeVar("T")
+StepFn = Callable[[], "T | Awaitable[T]"]
+
+CHILDREN_RESOURCE = "tianshu-children"
+_tracer = trace.get_tracer("tianshu")
+
+
+class WaitTimeoutError(TianshuError):
+    """A `wait_for_event` with a timeout saw no event in time."""
+
+    code = "wait_timeout"
+
+
+class Suspend(BaseException):  # noqa: N818 - control flow, not an error
+    """Unwinds a workflow that must wait; the engine catches it and parks the case.
+
+    A BaseException so that a workflow's `except Exception` cannot swallow it.
+    """
+
+    def __init__(self, predicates: Sequence[PollPredicate], wake_at: datetime | None = None) -> None:
+        super().__init__("workflow suspended")
+        self.predicates = list(predicates)
+        self.wake_at = wake_at
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnConfig:
+    """A child to spawn: its workflow, input, durable name and (optionally) its case key."""
+
+    workflow_code: str
+    input: Any = None
+    name: str | None = None
+    case_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChildHandle:
+    """A spawned child case."""
+
+    case_key: str
+    workflow_code: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChildOutcome:
+    """How a child ended. A child that no longer exists counts as failed."""
+
+    case_key: str
+    state: ExecutionState
+    finished_type: str | None
+    description: str | None
+    output: Any
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.state is ExecutionState.FINISHED
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """Stage outcome: go to `stage`, first clearing the checkpoints of `clear_stages`."""
+
+    stage: str
+    clear_stages: Sequence[str] = ()
+
+
+StageOutcome = Next | Waiting | Finished
+StageFn = Callable[["WorkflowContext"], Awaitable[StageOutcome]]
+
+
+class _Journal:
+    """The replay view of a case's journal: named records by generation, and case state."""
+
+    def __init__(self, entries: Sequence[JournalEntry]) -> None:
+        self.records: dict[tuple[str, int], JournalEntry] = {}
+        self.state: dict[str, str] = {}
+        self.cursors: dict[tuple[str, str], int] = defaultdict(int)
+        self.clears: dict[str, int] = defaultdict(int)
+        self.next_seq = 1
+        for entry in entries:
+            self.next_seq = max(self.next_seq, entry.seq + 1)
+            kind = entry.kind
+            if kind == JournalKind.STATE:
+                self.state[entry.name] = entry.data
+            elif kind == JournalKind.CLEAR:
+                for name in _decode(entry)["names"]:
+                    self.clears[name] += 1
+            elif kind != JournalKind.REPLAY:
+                self.records[(entry.name, self.clears[entry.name])] = entry
+                if kind == JournalKind.EVENT:
+                    data = _decode(entry)
+                    if data.get("event_seq"):
+                        key = (data["resource_type"], data["resource_id"])
+                        self.cursors[key] = max(self.cursors[key], data["event_seq"])
+
+
+def _decode(entry: JournalEntry) -> Any:
+    try:
+        return serde.loads(entry.data)
+    except ValueError as exc:
+        raise CorruptCheckpointError(entry.case_key, entry.name, f"not valid JSON ({exc})") from exc
+
+
+class WorkflowContext:
+    """The durable API a workflow runs against. One context per run of a case."""
+
+    def __init__(self, run: CaseRun, entries: Sequence[JournalEntry]) -> None:
+        self._run = run
+        self.case: Case = run.case
+        self._journal = _Journal(entries)
+        self._generation: dict[str, int] = defaultdict(int)
+        self._used: set[str] = set()
+        self._auto: dict[str, int] = defaultdict(int)
+        self._stage_prefix = ""
+        self.executed: list[str] = []
+        self.replayed: list[str] = []
+
+    # -- naming -------------------------------------------------------------------------------
+
+    def _name(self, name: str | None, base: str) -> str:
+        if name is None:
+            self._auto[base] += 1
+            name = f"{base}#{self._auto[base]}"
+        return self._stage_prefix + name
+
+    def _claim(self, name: str) -> JournalEntry | None:
+        if name in self._used:
+            raise DuplicateStepError(self.case.case_key, name)
+        self._used.add(name)
+        return self._journal.records.get((name, self._generation[name]))
+
+    async def _append(self, kind: JournalKind, name: str, data: str) -> JournalEntry:
+        journal = self._journal
+        entry = JournalEntry(
+            self.case.case_key, journal.next_seq, kind.value, name, data, self._run.token, self._run.clock.now()
+        )
+        journal.next_seq += 1
+        await self._run.stores.journal.append(entry)
+        if kind != JournalKind.STATE and kind != JournalKind.CLEAR:
+            journal.records[(name, self._generation[name])] = entry
+        return entry
+
+    # -- steps --------------------------------------------------------------------------------
+
+    @overload
+    async def step(self, name: str, fn: Callable[[], Awaitable[T]], *, returns: type[T]) -> T: ...
+    @overload
+    async def step(self, name: str, fn: Callable[[], T], *, returns: type[T]) -> T: ...
+    @overload
+    async def step(self, name: str, fn: Callable[[], Any], *, returns: None = None) -> Any: ...
+
+    async def step(self, name: str, fn: Callable[[], Any], *, returns: Any = None) -> Any:
+        """Run `fn` once and checkpoint its JSON result; on replay return the stored result.
+
+        `fn` may be sync or async. The result is returned as JSON data (what a replay returns too),
+        or validated into `returns` (a pydantic model or any type) on both paths.
+        """
+        name = self._stage_prefix + name
+        entry = self._claim(name)
+        if entry is not None:
+            self.replayed.append(name)
+            return self._decode_step(entry, returns)
+        with _tracer.start_as_current_span("tianshu.step", attributes={"tianshu.step": name}):
+            value = fn()
+            if inspect.isawaitable(value):
+                value = await value
+            text = serde.encode_result(name, value, self._run.config.max_step_result_bytes)
+            entry = await self._append(JournalKind.STEP, name, text)
+        self.executed.append(name)
+        return self._decode_step(entry, returns)
+
+    def _decode_step(self, entry: JournalEntry, returns: Any) -> Any:
+        data = _decode(entry)
+        if returns is None:
+            return data
+        try:
+            return TypeAdapter(returns).validate_python(data)
+        except ValidationError as exc:
+            raise CorruptCheckpointError(
+                entry.case_key, entry.name, f"does not validate as {returns!r}: {exc.errors()[0]['msg']}"
+            ) from exc
+
+    async def step_with_retry(
+        self, name: str, policy: RetryPolicy, fn: Callable[[], Any], *, returns: Any = None
+    ) -> Any:
+        """Like `step`, retrying `fn` under `policy`; only a success is stored."""
+
+        async def attempt() -> Any:
+            value = fn()
+            return await value if inspect.isawaitable(value) else value
+
+        return await self.step(name, lambda: policy.call(f"step {name!r}", attempt), returns=returns)
+
+    def clear_steps(self, names: Sequence[str]) -> Awaitable[None]:
+        """Forget the checkpoints of `names` so they run again (stage transitions use this)."""
+        return self._clear([self._stage_prefix + n for n in names])
+
+    async def _clear(self, names: Sequence[str]) -> None:
+        fresh = False
+        for name in names:
+            self._generation[name] += 1
+            self._used.discard(name)
+            if self._generation[name] > self._journal.clears[name]:
+                self._journal.clears[name] = self._generation[name]
+                fresh = True
+        if fresh:
+            await self._append(JournalKind.CLEAR, "clear", serde.dumps({"names": list(names)}))
+
+    # -- state --------------------------------------------------------------------------------
+
+    def get_state(self, name: str, default: Any = None) -> Any:
+        """The case-scoped variable `name` (its latest value), or `default`."""
+        text = self._journal.state.get(name)
+        return default if text is None else serde.loads(text)
+
+    async def set_state(self, name: str, value: Any) -> None:
+        """Set a case-scoped variable; a replay that writes the same value writes nothing."""
+        text = serde.encode_result(f"state {name}", value, self._run.config.max_step_result_bytes)
+        if self._journal.state.get(name) == text:
+            return
+        await self._append(JournalKind.STATE, name, text)
+        self._journal.state[name] = text
+        await self._run.stores.state.save(self.case.case_key, name, serde.loads(text))
+
+    async def get_session_state(self, name: str, default: Any = None) -> Any:
+        """A variable shared by the cases of this session (last write wins, no locking)."""
+        entry = await self._run.stores.state.get_session(self.case.session_id, name)
+        return default if entry is None else entry.data
+
+    async def set_session_state(self, name: str, value: Any) -> None:
+        serde.encode_result(f"session state {name}", value, self._run.config.max_step_result_bytes)
+        await self._run.stores.state.save_session(self.case.session_id, name, value)
+
+    # -- events and time ----------------------------------------------------------------------
+
+    async def poll(self, predicate: PollPredicate) -> Any | None:
+        """The payload of the event this predicate matched, consuming the next one if none yet.
+
+        For the explicit style: `if (p := await ctx.poll(pred)) is None: return Waiting([pred])`.
+        """
+        name = self._stage_prefix + predicate.step_name
+        self._used.add(name)
+        entry = self._journal.records.get((name, self._generation[name]))
+        if entry is not None:
+            return _decode(entry).get("payload")
+        return await self._consume(name, predicate.resource_type, predicate.resource_id)
+
+    async def _consume(self, name: str, resource_type: str, resource_id: str) -> Any | None:
+        key = (resource_type, resource_id)
+        event = await self._run.stores.events.next_after(
+            resource_type, resource_id, after_seq=self._journal.cursors[key], not_before=self.case.created_at
+        )
+        if event is None:
+            return None
+        record = {
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "event_seq": event.seq,
+            "event_id": event.event_id,
+            "payload": event.payload,
+        }
+        await self._append(JournalKind.EVENT, name, serde.dumps(record))
+        self._journal.cursors[key] = event.seq
+        return event.payload
+
+    async def wait_for_event(
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        intent: str | None = None,
+    ) -> Any:
+        """Wait for the next event on (resource_type, resource_id) and return its payload.
+
+        The case is parked as a row while it waits. An event published after the case was
+        created but before this call is not lost. With `timeout` (seconds, engine clock),
+        raises `WaitTimeoutError` when no event came in time.
+        """
+        require_plain(resource_type, "resource type")
+        name = self._name(name, f"event-{resource_type}-{resource_id}")
+        entry = self._claim(name)
+        if entry is not None:
+            self.replayed.append(name)
+            data = _decode(entry)
+            if data.get("timed_out"):
+                raise WaitTimeoutError(f"no event on {resource_type}/{resource_id} within {timeout}s")
+            return data.get("payload")
+        payload = await self._consume(name, resource_type, resource_id)
+        if payload is not None or (name, self._generation[name]) in self._journal.records:
+            self.executed.append(name)
+            return payload
+        wake_at = None
+        if timeout is not None:
+            wake_at = await self._deadline(name + ":timeout", timeout)
+            if self._run.clock.now() >= wake_at:
+                record = {"resource_type": resource_type, "resource_id": resource_id, "timed_out": True}
+                await self._append(JournalKind.EVENT, name, serde.dumps(record))
+                raise WaitTimeoutError(f"no event on {resource_type}/{resource_id} within {timeout}s")
+        raise Suspend([PollPredicate(resource_type=resource_type, resource_id=resource_id, step_name=name,
+                                     intent_desc=intent)], wake_at)
+
+    async def _deadline(self, name: str, seconds: float) -> datetime:
+        entry = self._journal.records.get((name, self._generation[name]))
+        if entry is not None:
+            return datetime.fromisoformat(_decode(entry)["fire_at"])
+        fire_at = self._run.clock.now() + timedelta(seconds=seconds)
+        await self._append(JournalKind.TIMER, name, serde.dumps({"fire_at": fire_at.isoformat()}))
+        await self._run.stores.timers.schedule(Timer(self.case.case_key, name, fire_at))
+        return fire_at
+
+    async def sleep(self, seconds: float, *, name: str | None = None) -> None:
+        """Sleep durably: the case is parked as a row and woken by a timer (engine clock)."""
+        name = self._name(name, "sleep")
+        self._claim(name)
+        wake_at = await self._deadline(name, seconds)
+        if self._run.clock.now() < wake_at:
+            raise Suspend([], wake_at)
+
+    # -- children -----------------------------------------------------------------------------
+
+    async def spawn_child(
+        self, workflow_code: str, input: Any = None, *, name: str | None = None, case_key: str | None = None
+    ) -> ChildHandle:
+        """Create a child case in this session, once: a replay returns the same child."""
+        name = self._name(name, "child")
+        entry = self._claim(name)
+        if entry is not None:
+            data = _decode(entry)
+            return ChildHandle(data["case_key"], data["workflow_code"], name)
+        if workflow_code not in self._run.registry:
+            raise UnknownWorkflowError(workflow_code, self._run.registry.codes)
+        key = require_plain(case_key, "case key") if case_key else child_case_key(self.case.case_key, name)
+        now = self._run.clock.now()
+        child = Case(
+            case_key=key,
+            session_id=self.case.session_id,
+            workflow_code=workflow_code,
+            parent_key=self.case.case_key,
+            resource_data=input,
+            created_at=now,
+            updated_at=now,
+        )
+        # Insert first, then journal: a crash in between re-inserts the same key, a no-op.
+        await self._run.stores.cases.insert(child)
+        await self._append(JournalKind.CHILD, name, serde.dumps({"case_key": key, "workflow_code": workflow_code}))
+        if key not in self.case.child_keys:
+            self.case.child_keys.append(key)
+        self.executed.append(name)
+        return ChildHandle(key, workflow_code, name)
+
+    async def spawn_children(self, configs: Sequence[SpawnConfig]) -> list[ChildHandle]:
+        """Spawn several children, in order."""
+        return [
+            await self.spawn_child(c.workflow_code, c.input, name=c.name, case_key=c.case_key) for c in configs
+        ]
+
+    async def child_status(self, handle: ChildHandle) -> ChildOutcome:
+        child = await self._run.stores.cases.get_by_key(handle.case_key)
+        if child is None:
+            return ChildOutcome(handle.case_key, ExecutionState.FAILED, None, None, None, "child case not found")
+        return ChildOutcome(
+            child.case_key,
+            child.execution_state,
+            child.finished_type,
+            child.finished_description,
+            child.output,
+            child.error.message if child.error else None,
+        )
+
+    async def await_children(self, handles: Sequence[ChildHandle], *, name: str | None = None) -> list[ChildOutcome]:
+        """Wait (as a row) until every child has finished or failed; their outcomes, in order."""
+        name = self._name(name, "children")
+        entry = self._claim(name)
+        if entry is not None:
+            self.replayed.append(name)
+            return [ChildOutcome(**{**o, "state": ExecutionState(o["state"])}) for o in _decode(entry)]
+        outcomes = [await self.child_status(h) for h in handles]
+        if all(o.state in (ExecutionState.FINISHED, ExecutionState.FAILED) for o in outcomes):
+            await self._append(
+                JournalKind.CHILD, name, serde.dumps([{**_outcome_dict(o)} for o in outcomes])
+            )
+            self.executed.append(name)
+            return outcomes
+        raise Suspend([PollPredicate(resource_type=CHILDREN_RESOURCE, resource_id=self.case.case_key,
+                                     step_name=name)])
+
+    # -- outcome ------------------------------------------------------------------------------
+
+    async def finish(self, finished_type: str, description: str = "", output: Any = None) -> Finished:
+        """The case's outcome; return it from the workflow. Persisted when the run ends."""
+        return Finished(finished_type, description, output)
+
+    def waiting(self, *predicates: PollPredicate) -> Waiting:
+        """`Waiting` over the given predicates (the seed's explicit style)."""
+        return Waiting(tuple(predicates))
+
+    async def run_stages(self, start: str, stages: Mapping[str, StageFn]) -> WorkflowResult:
+        """The seed's stage machine: run `start`, follow `Next`, stop at `Waiting` or `Finished`.
+
+        Names used inside a stage are recorded as `<stage>/<name>`, so `Next(clear_stages=[s])`
+        makes stage `s` run its steps again under the same names.
+        """
+        stage = start
+        while True:
+            fn = stages.get(stage)
+            if fn is None:
+                raise TianshuError(f"unknown stage {stage!r}; stages: {', '.join(stages)}")
+            self._stage_prefix = f"{stage}/"
+            try:
+                outcome = await fn(self)
+            finally:
+                self._stage_prefix = ""
+            if not isinstance(outcome, Next):
+                return outcome
+            await self._clear(
+                [n for s in outcome.clear_stages for n in self._names_in_stage(s)]
+            )
+            stage = outcome.stage
+
+    def _names_in_stage(self, stage: str) -> list[str]:
+        prefix = f"{stage}/"
+        names = {n for n, _ in self._journal.records if n.startswith(prefix)} | {
+            n for n in self._used if n.startswith(prefix)
+        }
+        return sorted(n for n in names if (n, self._generation[n]) in self._journal.records or n in self._used)
+
+
+def _outcome_dict(o: ChildOutcome) -> dict[str, Any]:
+    return {
+        "case_key": o.case_key,
+        "state": o.state.value,
+        "finished_type": o.finished_type,
+        "description": o.description,
+        "output": o.output,
+        "error": o.error,
+    }

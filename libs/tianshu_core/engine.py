@@ -1,0 +1,522 @@
+"""The heart of the engine, "run a case once", and the library-mode driver around it.
+
+run once = take the case's lease (fencing token), load its journal, replay the workflow,
+execute what is new, persist the outcome and its waits, release. The tick and the scheduler
+service are two drivers of this same operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
+
+from opentelemetry import trace
+
+from . import serde
+from .clock import Clock, SystemClock
+from .context import CHILDREN_RESOURCE, Suspend, WorkflowContext
+from .errors import (
+    CaseExistsError,
+    CaseNotFoundError,
+    ErrorInfo,
+    LeaseLostError,
+    PayloadTooLargeError,
+    TianshuError,
+)
+from .models import Case, CaseFilter, Event, ExecutionState, JournalEntry, JournalKind, Lease, Lifecycle, Session
+from .results import Continue, Finished, Waiting, WorkflowResult
+from .stores.protocols import Stores
+from .tokens import new_case_key, require_plain
+from .workflow import WorkflowRegistry, default_registry
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("tianshu")
+
+
+def _default_owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class ExecutionMode(str, enum.Enum):
+    """How a tick runs its runnable cases."""
+
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine settings; every one has a default that works locally."""
+
+    max_step_result_bytes: int = 1024 * 1024
+    max_event_payload_bytes: int = 1024 * 1024
+    lease_ttl: float = 30.0
+    event_retention: timedelta = field(default_factory=lambda: timedelta(days=7))
+    history_retention: timedelta | None = None
+    owner: str = field(default_factory=_default_owner)
+    execution_mode: ExecutionMode = ExecutionMode.SEQUENTIAL
+    max_parallel: int = 32
+    tick_batch: int = 100
+    probe_waiting: bool = False
+
+
+class ResourceFetcher(Protocol):
+    """The seed's pull model: asked for each waiting predicate; a value is an event on it."""
+
+    async def fetch(self, resource_type: str, resource_id: str) -> Any | None: ...
+
+
+class RunStatus(str, enum.Enum):
+    """What one "run a case once" did."""
+
+    FINISHED = "finished"
+    WAITING = "waiting"
+    CONTINUE = "continue"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    LEASE_LOST = "lease_lost"
+
+
+class TickOutcome(str, enum.Enum):
+    IDLE = "idle"
+    EXECUTED = "executed"
+    SHUTDOWN_REQUESTED = "shutdown_requested"
+
+
+@dataclass(slots=True)
+class RunReport:
+    """The result of running a case once."""
+
+    case_key: str
+    status: RunStatus
+    case: Case | None
+    executed: list[str] = field(default_factory=list)
+    replayed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """A published event, whether it was new (not a repeat of its id), and the cases it woke."""
+
+    event: Event
+    new: bool
+    woken: list[str]
+
+
+@dataclass(slots=True)
+class CaseRun:
+    """Everything one run of a case needs; the context reads it."""
+
+    case: Case
+    token: int
+    stores: Stores
+    registry: WorkflowRegistry
+    clock: Clock
+    config: EngineConfig
+
+
+class Engine:
+    """Runs cases against a set of stores: library mode's entry point and the services' heart."""
+
+    def __init__(
+        self,
+        stores: Stores,
+        registry: WorkflowRegistry | None = None,
+        *,
+        clock: Clock | None = None,
+        config: EngineConfig | None = None,
+        fetcher: ResourceFetcher | None = None,
+    ) -> None:
+        self.stores = stores
+        self.registry = registry if registry is not None else default_registry
+        self.clock = clock or SystemClock()
+        self.config = config or EngineConfig()
+        self.fetcher = fetcher
+        self._shutdown = asyncio.Event()
+
+    # -- creating cases -----------------------------------------------------------------------
+
+    def _new_case(
+        self, workflow_code: str, input: Any, case_key: str | None, session_id: str | None
+    ) -> Case:
+        key = require_plain(case_key, "case key") if case_key else new_case_key()
+        now = self.clock.now()
+        serde.encode_result("input", input, self.config.max_event_payload_bytes)
+        return Case(
+            case_key=key,
+            session_id=session_id or key,
+            workflow_code=workflow_code,
+            resource_data=input,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def start_case(
+        self,
+        workflow_code: str,
+        input: Any = None,
+        *,
+        case_key: str | None = None,
+        session_id: str | None = None,
+    ) -> Case:
+        """Create a running case (idempotent on `case_key`); a tick or scheduler runs it."""
+        case = self._new_case(workflow_code, input, case_key, session_id)
+        if not await self.stores.cases.insert(case):
+            return await self._existing(case)
+        return case
+
+    async def _existing(self, case: Case) -> Case:
+        found = await self.stores.cases.get_by_key(case.case_key)
+        if found is None:
+            raise CaseNotFoundError(case.case_key)
+        if found.workflow_code != case.workflow_code:
+            raise CaseExistsError(
+                f"case {case.case_key!r} exists with workflow {found.workflow_code!r}, not {case.workflow_code!r}"
+            )
+        return found
+
+    async def run_workflow(
+        self,
+        workflow_code: str,
+        input: Any = None,
+        *,
+        case_key: str | None = None,
+        session_id: str | None = None,
+    ) -> Case:
+        """Create a case and run it once, now, until it finishes, waits or fails."""
+        if workflow_code not in self.registry:
+            # Fail before storing anything: the caller sees the error, no case is left behind.
+            self.registry.create(self._new_case(workflow_code, None, case_key, session_id))
+        case = self._new_case(workflow_code, input, case_key, session_id)
+        lease = await self.stores.leases.create_leased(case, self.config.owner, self.config.lease_ttl)
+        if lease is None:
+            await self._existing(case)
+            report = await self.run_case(case.case_key)
+        else:
+            report = await self._run_leased(lease, fresh=True)
+        found = report.case or await self.stores.cases.get_by_key(case.case_key)
+        if found is None:
+            raise CaseNotFoundError(case.case_key)
+        return found
+
+    async def open_session(self, session_id: str, metadata: dict[str, Any] | None = None) -> Session:
+        """Create or update a session."""
+        now = self.clock.now()
+        existing = await self.stores.sessions.get(session_id)
+        session = Session(
+            session_id=session_id,
+            metadata=metadata if metadata is not None else (existing.metadata if existing else {}),
+            created_at=existing.created_at if existing else now,
+            updated_at=now,
+        )
+        await self.stores.sessions.upsert(session)
+        return session
+
+    # -- the heart ----------------------------------------------------------------------------
+
+    async def run_case(self, case_key: str) -> RunReport:
+        """Run a case once if its lease is free and it is active."""
+        lease = await self.stores.leases.acquire(case_key, self.config.owner, self.config.lease_ttl)
+        if lease is None:
+            return RunReport(case_key, RunStatus.SKIPPED, None)
+        return await self._run_leased(lease, fresh=False)
+
+    async def _run_leased(self, lease: Lease, *, fresh: bool) -> RunReport:
+        case = lease.case
+        stores = self.stores
+        if not case.is_active:
+            await stores.leases.release(lease)
+            return RunReport(case.case_key, RunStatus.SKIPPED, case)
+        with _tracer.start_as_current_span(
+            "tianshu.run_case",
+            attributes={"tianshu.case_key": case.case_key, "tianshu.workflow": case.workflow_code},
+        ):
+            entries: Sequence[JournalEntry] = () if fresh else await stores.journal.load(case.case_key)
+            run = CaseRun(case, lease.token, stores, self.registry, self.clock, self.config)
+            ctx = WorkflowContext(run, entries)
+            heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
+            try:
+                result: WorkflowResult | BaseException = await self._execute(ctx)
+            except LeaseLostError as exc:
+                log.warning("case %s: %s; abandoning this run", case.case_key, exc)
+                return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
+            finally:
+                heartbeat.stop()
+            try:
+                status = await self._persist(ctx, lease, result)
+            except LeaseLostError as exc:
+                log.warning("case %s: %s; outcome not stored", case.case_key, exc)
+                return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
+        return RunReport(case.case_key, status, case, ctx.executed, ctx.replayed)
+
+    async def _execute(self, ctx: WorkflowContext) -> WorkflowResult | BaseException:
+        try:
+            workflow = self.registry.create(ctx.case)
+            result = await workflow.run(ctx)
+        except Suspend as suspend:
+            return _Suspended(suspend.predicates, suspend.wake_at)
+        except LeaseLostError:
+            raise
+        except Exception as exc:
+            log.exception("case %s failed", ctx.case.case_key)
+            return exc
+        if not isinstance(result, WorkflowResult):
+            return TianshuError(
+                f"workflow {ctx.case.workflow_code!r} returned {type(result).__name__}, "
+                "not Finished, Waiting or Continue"
+            )
+        return result
+
+    async def _persist(self, ctx: WorkflowContext, lease: Lease, result: WorkflowResult | BaseException) -> RunStatus:
+        case, stores, now = ctx.case, self.stores, self.clock.now()
+        if ctx.replayed:
+            await ctx._append(  # a record of what this run replayed, for inspection
+                JournalKind.REPLAY, "replay", serde.dumps({"replayed": ctx.replayed, "executed": ctx.executed})
+            )
+        case.updated_at = now
+        if isinstance(result, Finished):
+            try:
+                serde.encode_result("output", result.output, self.config.max_step_result_bytes)
+            except TianshuError as exc:
+                result = exc
+        status: RunStatus
+        if isinstance(result, BaseException):
+            case.execution_state = ExecutionState.FAILED
+            case.error = ErrorInfo.from_exception(result)
+            status = RunStatus.FAILED
+        elif isinstance(result, Finished):
+            case.execution_state = ExecutionState.FINISHED
+            case.finished_type = result.finished_type
+            case.finished_description = result.description
+            case.output = result.output
+            status = RunStatus.FINISHED
+        elif isinstance(result, Waiting):
+            await stores.waits.replace(case.case_key, result.predicates)
+            case.execution_state = ExecutionState.WAITING
+            status = RunStatus.WAITING
+        else:
+            case.execution_state = ExecutionState.RUNNING
+            status = RunStatus.CONTINUE
+        await stores.cases.save(case, lease.token, release=True)
+        if isinstance(result, Waiting):
+            await self._recheck_waiting(ctx, result)
+        elif case.is_terminal and case.parent_key:
+            await self._notify_parent(case.parent_key)
+        return status
+
+    async def _recheck_waiting(self, ctx: WorkflowContext, waiting: Waiting) -> None:
+        """Close the race with a publish that came between the run's last look and its wait row."""
+        case = ctx.case
+        wake_at = waiting.wake_at if isinstance(waiting, _Suspended) else None
+        ready = wake_at is not None and self.clock.now() >= wake_at
+        for p in waiting.predicates:
+            if ready:
+                break
+            if p.resource_type == CHILDREN_RESOURCE:
+                children = [await self.stores.cases.get_by_key(k) for k in case.child_keys]
+                ready = all(c is None or c.is_terminal for c in children)
+            else:
+                cursor = ctx._journal.cursors[(p.resource_type, p.resource_id)]
+                ready = (
+                    await self.stores.events.next_after(
+                        p.resource_type, p.resource_id, after_seq=cursor, not_before=case.created_at
+                    )
+                    is not None
+                )
+        if ready:
+            await self._wake([case.case_key])
+
+    async def _notify_parent(self, parent_key: str) -> None:
+        waits = await self.stores.waits.for_case(parent_key)
+        if any(p.resource_type == CHILDREN_RESOURCE for p in waits):
+            await self._wake([parent_key])
+
+    async def _wake(self, case_keys: Sequence[str]) -> list[str]:
+        woken = await self.stores.cases.mark_runnable(case_keys)
+        for key in woken:
+            await self.stores.waits.delete_by_case(key)
+        return woken
+
+    # -- events -------------------------------------------------------------------------------
+
+    async def publish_event(
+        self, resource_type: str, resource_id: str, payload: Any = None, *, event_id: str | None = None
+    ) -> PublishResult:
+        """Store an event on (resource_type, resource_id) and wake every case waiting on it.
+
+        Repeating an `event_id` within the event retention stores and wakes nothing.
+        """
+        require_plain(resource_type, "resource type")
+        size = len(serde.dumps(payload))
+        if size > self.config.max_event_payload_bytes:
+            raise PayloadTooLargeError(
+                f"event payload of {size} bytes is over the limit of {self.config.max_event_payload_bytes}"
+            )
+        now = self.clock.now()
+        with _tracer.start_as_current_span(
+            "tianshu.publish_event", attributes={"tianshu.resource": f"{resource_type}/{resource_id}"}
+        ):
+            event, new = await self.stores.events.publish(
+                resource_type,
+                resource_id,
+                payload,
+                event_id=event_id,
+                published_at=now,
+                dedupe_since=now - self.config.event_retention,
+            )
+            woken: list[str] = []
+            if new:
+                waiting = await self.stores.waits.cases_waiting_on(resource_type, resource_id)
+                if waiting:
+                    woken = await self._wake(waiting)
+        return PublishResult(event, new, woken)
+
+    # -- library-mode driver ------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """Ask `tick`/`run_until_idle` to stop; running cases finish their run first."""
+        self._shutdown.set()
+
+    async def fire_due_timers(self) -> list[str]:
+        """Wake the cases whose timers are due (engine clock)."""
+        woken: list[str] = []
+        for timer in await self.stores.timers.due(self.clock.now(), limit=self.config.tick_batch):
+            woken += await self._wake([timer.case_key])
+            await self.stores.timers.delete(timer.case_key, timer.name)
+        return woken
+
+    async def _evaluate_waiting(self, session_id: str | None) -> None:
+        fetcher = self.fetcher
+        if fetcher is None and not self.config.probe_waiting:
+            return
+        for key in await self.stores.cases.waiting(limit=self.config.tick_batch, session_id=session_id):
+            if self.config.probe_waiting:
+                await self._wake([key])
+                continue
+            assert fetcher is not None
+            for p in await self.stores.waits.for_case(key):
+                value = await fetcher.fetch(p.resource_type, p.resource_id)
+                if value is not None:
+                    digest = hashlib.sha256(serde.dumps(value).encode()).hexdigest()[:32]
+                    await self.publish_event(p.resource_type, p.resource_id, value, event_id=f"fetched-{digest}")
+
+    async def tick(self, *, session_id: str | None = None) -> TickOutcome:
+        """One pass: fire timers, ask the fetcher (or probe, if enabled), run runnable cases."""
+        if self._shutdown.is_set():
+            return TickOutcome.SHUTDOWN_REQUESTED
+        with _tracer.start_as_current_span("tianshu.tick"):
+            await self.fire_due_timers()
+            await self._evaluate_waiting(session_id)
+            keys = await self.stores.cases.runnable(limit=self.config.tick_batch, session_id=session_id)
+            if not keys:
+                return TickOutcome.IDLE
+            if self.config.execution_mode is ExecutionMode.PARALLEL:
+                sem = asyncio.Semaphore(self.config.max_parallel)
+
+                async def guarded(key: str) -> None:
+                    async with sem:
+                        await self._run_isolated(key)
+
+                await asyncio.gather(*(guarded(k) for k in keys))
+            else:
+                for key in keys:
+                    if self._shutdown.is_set():
+                        break
+                    await self._run_isolated(key)
+        return TickOutcome.EXECUTED
+
+    async def _run_isolated(self, key: str) -> None:
+        try:
+            await self.run_case(key)
+        except Exception:
+            # A store failure on one case must not stop the others; the lease expires and a
+            # later tick retries it.
+            log.exception("case %s: run failed before its outcome was stored", key)
+
+    async def run_until_idle(self, *, session_id: str | None = None, max_ticks: int = 10_000) -> int:
+        """Tick until nothing is runnable (or shutdown); returns the number of ticks."""
+        for n in range(1, max_ticks + 1):
+            if await self.tick(session_id=session_id) is not TickOutcome.EXECUTED:
+                return n
+        raise TianshuError(f"still busy after {max_ticks} ticks")
+
+    # -- operating on cases -------------------------------------------------------------------
+
+    async def get_case(self, case_key: str) -> Case:
+        case = await self.stores.cases.get_by_key(case_key)
+        if case is None:
+            raise CaseNotFoundError(case_key)
+        return case
+
+    async def history(self, case_key: str) -> list[JournalEntry]:
+        """The case's journal: every durable effect, in order."""
+        return await self.stores.journal.load(case_key)
+
+    async def pause(self, case_key: str) -> bool:
+        return await self.stores.cases.set_lifecycle(case_key, Lifecycle.PAUSE)
+
+    async def resume(self, case_key: str) -> bool:
+        return await self.stores.cases.set_lifecycle(case_key, Lifecycle.NORMAL)
+
+    async def cancel(self, case_key: str) -> bool:
+        return await self.stores.cases.set_lifecycle(case_key, Lifecycle.STOP)
+
+    async def purge(self, case_key: str) -> None:
+        """Remove a case and its whole history."""
+        await self.stores.cases.delete(case_key)
+
+    async def purge_expired(self) -> int:
+        """Apply the retention settings: old events, and done cases past `history_retention`."""
+        now = self.clock.now()
+        purged = await self.stores.events.purge_before(now - self.config.event_retention)
+        if self.config.history_retention is not None:
+            cutoff = now - self.config.history_retention
+            for state in (ExecutionState.FINISHED, ExecutionState.FAILED):
+                for case in await self.stores.cases.list(CaseFilter(execution_state=state), limit=10_000):
+                    if case.updated_at < cutoff:
+                        await self.stores.cases.delete(case.case_key)
+                        purged += 1
+        return purged
+
+
+@dataclass(frozen=True, slots=True)
+class _Suspended(Waiting):
+    """A `Waiting` produced by an awaitable wait, which may also carry a timer."""
+
+    wake_at: Any = None
+
+
+class _Heartbeat:
+    """Renews a lease every ttl/3 while a run lasts; costs nothing for short runs."""
+
+    def __init__(self, stores: Stores, lease: Lease, ttl: float) -> None:
+        self._stores, self._lease, self._ttl = stores, lease, ttl
+        self._task: asyncio.Task[None] | None = None
+        self._handle = asyncio.get_running_loop().call_later(ttl / 3, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                if not await self._stores.leases.renew(self._lease, self._ttl):
+                    log.warning("case %s: lease lost while running", self._lease.case_key)
+                    return
+            except Exception:
+                log.exception("case %s: lease renewal failed", self._lease.case_key)
+            await asyncio.sleep(self._ttl / 3)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,388 @@
+"""In-memory stores: the reference semantics of every store protocol, for tests and embedding."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from ..clock import Clock, SystemClock
+from ..errors import LeaseLostError
+from ..models import (
+    Case,
+    CaseFilter,
+    Event,
+    ExecutionState,
+    JournalEntry,
+    Lease,
+    Lifecycle,
+    PollPredicate,
+    Session,
+    SessionStateEntry,
+    StateEntry,
+    Timer,
+)
+from .protocols import Stores
+
+
+@dataclass(slots=True)
+class _LeaseRow:
+    owner: str | None = None
+    token: int = 0
+    expires_at: datetime | None = None
+
+
+class _Db:
+    """All tables of one in-memory backend, shared by its stores."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.cases: dict[str, Case] = {}
+        self.leases: dict[str, _LeaseRow] = {}
+        self.journal: dict[str, list[JournalEntry]] = defaultdict(list)
+        self.journal_seqs: dict[str, set[int]] = defaultdict(set)
+        self.state: dict[tuple[str, str], StateEntry] = {}
+        self.session_state: dict[tuple[str, str], SessionStateEntry] = {}
+        self.waits: dict[str, list[PollPredicate]] = {}
+        self.events: list[Event] = []
+        self.event_seq = itertools.count(1)
+        self.timers: dict[tuple[str, str], Timer] = {}
+
+    def fenced(self, case_key: str, token: int) -> None:
+        row = self.leases.get(case_key)
+        if row is None or row.token != token:
+            raise LeaseLostError(case_key, token)
+
+    def lease_free(self, case_key: str) -> bool:
+        row = self.leases.get(case_key)
+        return row is None or row.expires_at is None or row.expires_at < self.clock.now()
+
+
+def _copy(case: Case) -> Case:
+    return case.model_copy(deep=True)
+
+
+def _matches(case: Case, flt: CaseFilter | None) -> bool:
+    if flt is None:
+        return True
+    return all(
+        want is None or getattr(case, field) == want
+        for field, want in (
+            ("session_id", flt.session_id),
+            ("workflow_code", flt.workflow_code),
+            ("execution_state", flt.execution_state),
+            ("lifecycle_state", flt.lifecycle_state),
+            ("parent_key", flt.parent_key),
+        )
+    )
+
+
+class InMemorySessionStore:
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def upsert(self, session: Session) -> None:
+        self._db.sessions[session.session_id] = session.model_copy(deep=True)
+
+    async def get(self, session_id: str) -> Session | None:
+        found = self._db.sessions.get(session_id)
+        return found.model_copy(deep=True) if found else None
+
+    async def delete(self, session_id: str) -> None:
+        self._db.sessions.pop(session_id, None)
+
+
+class InMemoryCaseStore:
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def insert(self, case: Case) -> bool:
+        if case.case_key in self._db.cases:
+            return False
+        self._db.cases[case.case_key] = _copy(case)
+        self._db.leases[case.case_key] = _LeaseRow()
+        return True
+
+    async def upsert(self, case: Case) -> None:
+        self._db.cases[case.case_key] = _copy(case)
+        self._db.leases.setdefault(case.case_key, _LeaseRow())
+
+    async def get_by_key(self, case_key: str) -> Case | None:
+        found = self._db.cases.get(case_key)
+        return _copy(found) if found else None
+
+    async def get_by_session(self, session_id: str) -> list[Case]:
+        return await self.list(CaseFilter(session_id=session_id), limit=1_000_000)
+
+    async def list(self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0) -> list[Case]:
+        found = sorted((c for c in self._db.cases.values() if _matches(c, flt)), key=lambda c: c.created_at)
+        return [_copy(c) for c in found[offset : offset + limit]]
+
+    async def count(self, flt: CaseFilter | None = None) -> int:
+        return sum(1 for c in self._db.cases.values() if _matches(c, flt))
+
+    async def save(self, case: Case, token: int, *, release: bool = False) -> None:
+        self._db.fenced(case.case_key, token)
+        self._db.cases[case.case_key] = _copy(case)
+        if release:
+            row = self._db.leases[case.case_key]
+            row.owner, row.expires_at = None, None
+
+    async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool:
+        case = self._db.cases.get(case_key)
+        if case is None:
+            return False
+        case.lifecycle_state = lifecycle
+        case.updated_at = self._db.clock.now()
+        return True
+
+    async def mark_runnable(self, case_keys: Sequence[str]) -> list[str]:
+        moved = []
+        for key in case_keys:
+            case = self._db.cases.get(key)
+            if case is not None and case.execution_state is ExecutionState.WAITING:
+                case.execution_state = ExecutionState.RUNNING
+                case.updated_at = self._db.clock.now()
+                moved.append(key)
+        return moved
+
+    def _scan(self, state: ExecutionState, limit: int, session_id: str | None) -> list[str]:
+        found = sorted(
+            (
+                c
+                for c in self._db.cases.values()
+                if c.execution_state is state
+                and c.lifecycle_state is Lifecycle.NORMAL
+                and (session_id is None or c.session_id == session_id)
+                and self._db.lease_free(c.case_key)
+            ),
+            key=lambda c: c.created_at,
+        )
+        return [c.case_key for c in found[:limit]]
+
+    async def runnable(self, *, limit: int = 100, session_id: str | None = None) -> list[str]:
+        return self._scan(ExecutionState.RUNNING, limit, session_id)
+
+    async def waiting(self, *, limit: int = 1000, session_id: str | None = None) -> list[str]:
+        return self._scan(ExecutionState.WAITING, limit, session_id)
+
+    async def delete(self, case_key: str) -> None:
+        db = self._db
+        db.cases.pop(case_key, None)
+        db.leases.pop(case_key, None)
+        db.journal.pop(case_key, None)
+        db.journal_seqs.pop(case_key, None)
+        db.waits.pop(case_key, None)
+        for key in [k for k in db.state if k[0] == case_key]:
+            del db.state[key]
+        for key in [k for k in db.timers if k[0] == case_key]:
+            del db.timers[key]
+
+
+class InMemoryLeaseStore:
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    def _grant(self, case_key: str, owner: str, ttl: float) -> Lease:
+        row = self._db.leases.setdefault(case_key, _LeaseRow())
+        row.owner = owner
+        row.token += 1
+        row.expires_at = self._db.clock.now() + timedelta(seconds=ttl)
+        return Lease(case_key, owner, row.token, _copy(self._db.cases[case_key]))
+
+    async def acquire(self, case_key: str, owner: str, ttl: float) -> Lease | None:
+        if case_key not in self._db.cases or not self._db.lease_free(case_key):
+            return None
+        return self._grant(case_key, owner, ttl)
+
+    async def create_leased(self, case: Case, owner: str, ttl: float) -> Lease | None:
+        if case.case_key in self._db.cases:
+            return None
+        self._db.cases[case.case_key] = _copy(case)
+        return self._grant(case.case_key, owner, ttl)
+
+    async def renew(self, lease: Lease, ttl: float) -> bool:
+        row = self._db.leases.get(lease.case_key)
+        if row is None or row.token != lease.token:
+            return False
+        row.expires_at = self._db.clock.now() + timedelta(seconds=ttl)
+        return True
+
+    async def release(self, lease: Lease) -> None:
+        row = self._db.leases.get(lease.case_key)
+        if row is not None and row.token == lease.token:
+            row.owner, row.expires_at = None, None
+
+
+class InMemoryJournalStore:
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def append(self, entry: JournalEntry) -> None:
+        self._db.fenced(entry.case_key, entry.token)
+        seqs = self._db.journal_seqs[entry.case_key]
+        if entry.seq in seqs:
+            raise LeaseLostError(entry.case_key, entry.token)
+        seqs.add(entry.seq)
+        self._db.journal[entry.case_key].append(entry)
+        # Yield like a real store would, so concurrency bugs show up in memory too.
+        await asyncio.sleep(0)
+
+    async def load(self, case_key: str) -> list[JournalEntry]:
+        return sorted(self._db.journal.get(case_key, ()), key=lambda e: e.seq)
+
+    async def delete_by_case(self, case_key: str) -> None:
+        self._db.journal.pop(case_key, None)
+        self._db.journal_seqs.pop(case_key, None)
+
+
+class InMemoryStateStore:
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def save(self, case_key: str, name: str, data: Any) -> None:
+        self._db.state[(case_key, name)] = StateEntry(
+            case_key=case_key, name=name, data=data, updated_at=self._db.clock.now()
+        )
+
+    async def get(self, case_key: str, name: str) -> StateEntry | None:
+        return self._db.state.get((case_key, name))
+
+    async def get_all(self, case_key: str) -> list[StateEntry]:
+        return sorted((e for (k, _), e in self._db.state.items() if k == case_key), key=lambda e: e.name)
+
+    async def delete(self, case_key: str, name: str) -> None:
+        self._db.state.pop((case_key, name), None)
+
+    async def delete_by_case(self, case_key: str) -> None:
+        for key in [k for k in self._db.state if k[0] == case_key]:
+            del self._db.state[key]
+
+    async def save_session(self, session_id: str, name: str, data: Any) -> None:
+        self._db.session_state[(session_id, name)] = SessionStateEntry(
+            session_id=session_id, name=name, data=data, updated_at=self._db.clock.now()
+        )
+
+    async def get_session(self, session_id: str, name: str) -> SessionStateEntry | None:
+        return self._db.session_state.get((session_id, name))
+
+    async def get_all_session(self, session_id: str) -> list[SessionStateEntry]:
+        return sorted(
+            (e for (s, _), e in self._db.session_state.items() if s == session_id), key=lambda e: e.name
+        )
+
+    async def delete_session(self, session_id: str, name: str) -> None:
+        self._db.session_state.pop((session_id, name), None)
+
+    async def delete_by_session(self, session_id: str) -> None:
+        for key in [k for k in self._db.session_state if k[0] == session_id]:
+            del self._db.session_state[key]
+
+
+class InMemoryWaitStore:
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def replace(self, case_key: str, predicates: Sequence[PollPredicate]) -> None:
+        if predicates:
+            self._db.waits[case_key] = list(predicates)
+        else:
+            self._db.waits.pop(case_key, None)
+
+    async def for_case(self, case_key: str) -> list[PollPredicate]:
+        return list(self._db.waits.get(case_key, ()))
+
+    async def cases_waiting_on(self, resource_type: str, resource_id: str) -> list[str]:
+        return [
+            key
+            for key, preds in self._db.waits.items()
+            if any(p.resource_type == resource_type and p.resource_id == resource_id for p in preds)
+        ]
+
+    async def delete_by_case(self, case_key: str) -> None:
+        self._db.waits.pop(case_key, None)
+
+
+class InMemoryEventStore:
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def publish(
+        self,
+        resource_type: str,
+        resource_id: str,
+        payload: Any,
+        *,
+        event_id: str | None,
+        published_at: datetime,
+        dedupe_since: datetime,
+    ) -> tuple[Event, bool]:
+        if event_id is not None:
+            for event in self._db.events:
+                if (
+                    event.event_id == event_id
+                    and event.resource_type == resource_type
+                    and event.resource_id == resource_id
+                    and event.published_at >= dedupe_since
+                ):
+                    return event, False
+        event = Event(next(self._db.event_seq), resource_type, resource_id, payload, event_id, published_at)
+        self._db.events.append(event)
+        return event, True
+
+    async def next_after(
+        self, resource_type: str, resource_id: str, *, after_seq: int, not_before: datetime
+    ) -> Event | None:
+        for event in self._db.events:
+            if (
+                event.seq > after_seq
+                and event.resource_type == resource_type
+                and event.resource_id == resource_id
+                and event.published_at >= not_before
+            ):
+                return event
+        return None
+
+    async def purge_before(self, cutoff: datetime) -> int:
+        before = len(self._db.events)
+        self._db.events = [e for e in self._db.events if e.published_at >= cutoff]
+        return before - len(self._db.events)
+
+
+class InMemoryTimerStore:
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def schedule(self, timer: Timer) -> None:
+        self._db.timers[(timer.case_key, timer.name)] = timer
+
+    async def due(self, now: datetime, *, limit: int = 100) -> list[Timer]:
+        found = sorted((t for t in self._db.timers.values() if t.fire_at <= now), key=lambda t: t.fire_at)
+        return found[:limit]
+
+    async def delete(self, case_key: str, name: str) -> None:
+        self._db.timers.pop((case_key, name), None)
+
+    async def delete_by_case(self, case_key: str) -> None:
+        for key in [k for k in self._db.timers if k[0] == case_key]:
+            del self._db.timers[key]
+
+
+def memory_stores(clock: Clock | None = None) -> Stores:
+    """A complete in-memory backend. `clock` drives lease expiry (the store's own clock)."""
+    db = _Db(clock or SystemClock())
+    return Stores(
+        sessions=InMemorySessionStore(db),
+        cases=InMemoryCaseStore(db),
+        leases=InMemoryLeaseStore(db),
+        journal=InMemoryJournalStore(db),
+        state=InMemoryStateStore(db),
+        waits=InMemoryWaitStore(db),
+        events=InMemoryEventStore(db),
+        timers=InMemoryTimerStore(db),
+    )
