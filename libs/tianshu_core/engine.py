@@ -150,12 +150,12 @@ class Engine:
     ) -> Case:
         key = require_plain(case_key, "case key") if case_key else new_case_key()
         now = self.clock.now()
-        serde.encode_result("input", input, self.config.max_event_payload_bytes)
+        data = serde.loads(serde.encode_result("input", input, self.config.max_event_payload_bytes))
         return Case(
             case_key=key,
             session_id=session_id or key,
             workflow_code=workflow_code,
-            resource_data=input,
+            resource_data=data,
             created_at=now,
             updated_at=now,
         )
@@ -283,9 +283,10 @@ class Engine:
                 JournalKind.REPLAY, "replay", serde.dumps({"replayed": ctx.replayed, "executed": ctx.executed})
             )
         case.updated_at = now
+        output: Any = None
         if isinstance(result, Finished):
             try:
-                serde.encode_result("output", result.output, self.config.max_step_result_bytes)
+                output = serde.loads(serde.encode_result("output", result.output, self.config.max_step_result_bytes))
             except TianshuError as exc:
                 result = exc
         status: RunStatus
@@ -297,7 +298,7 @@ class Engine:
             case.execution_state = ExecutionState.FINISHED
             case.finished_type = result.finished_type
             case.finished_description = result.description
-            case.output = result.output
+            case.output = output
             status = RunStatus.FINISHED
         elif isinstance(result, Waiting):
             await stores.waits.replace(case.case_key, result.predicates)

@@ -15,6 +15,7 @@ import uuid
 from .errors import InvalidTokenError
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]+\Z")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 ENCODED_PREFIX = "~"
 MAX_TOKEN_LENGTH = 200
 
@@ -62,7 +63,10 @@ def new_case_key(prefix: str | None = None) -> str:
 
 def child_case_key(parent_key: str, name: str) -> str:
     """The deterministic key of a child spawned under `name`: the same on every replay."""
-    suffix = name if is_plain_token(name) and len(name) <= 64 else uuid.uuid5(uuid.NAMESPACE_URL, name).hex
+    suffix = _UNSAFE.sub("-", name)[:64]
+    if suffix != name:
+        # Keep it readable, and keep names that differ only in unsafe characters apart.
+        suffix = f"{suffix}-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex[:8]}"
     key = f"{parent_key}-{suffix}"
     if len(key) > MAX_TOKEN_LENGTH:
         key = uuid.uuid5(uuid.NAMESPACE_URL, key).hex
