@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
-
 from tianshu_core import Engine, EngineConfig, ManualClock, Stores, WorkflowRegistry, memory_stores
 
 

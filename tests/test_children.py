@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tests._backends import Backend, backend, pg_migrated_url  # noqa: F401
 from tianshu_core import (
     CaseFilter,
     Continue,
@@ -12,6 +11,8 @@ from tianshu_core import (
     WorkflowRegistry,
     WorkflowResult,
 )
+
+from tests._backends import Backend
 
 
 def registry(n_children: int) -> WorkflowRegistry:
@@ -42,7 +43,11 @@ async def test_child_is_created_with_parent_key_and_data(backend: Backend) -> No
     assert parent.execution_state is ExecutionState.WAITING
     assert len(parent.child_keys) == 1
     child = await engine.get_case(parent.child_keys[0])
-    assert (child.parent_key, child.session_id, child.resource_data) == (parent.case_key, "fam", {"chunk": "c0"})
+    assert (child.parent_key, child.session_id, child.resource_data) == (
+        parent.case_key,
+        "fam",
+        {"chunk": "c0"},
+    )
 
 
 async def test_three_children_three_keys_then_all_done(backend: Backend) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from tests._backends import Backend, backend, pg_migrated_url  # noqa: F401
 from tianshu_core import (
     ExecutionState,
     InvalidTokenError,
@@ -20,6 +18,8 @@ from tianshu_core import (
     encode_token,
 )
 
+from tests._backends import Backend
+
 
 def approval_registry() -> WorkflowRegistry:
     """The seed's approval example, explicit-Waiting style, fixed to read the decision."""
@@ -29,7 +29,9 @@ def approval_registry() -> WorkflowRegistry:
     async def approval(ctx: WorkflowContext) -> WorkflowResult:
         title = await ctx.step("submitted", lambda: ctx.case.resource_data["title"])
         wait = PollPredicate(
-            resource_type="review_decision", resource_id=ctx.case.case_key, step_name="review_decision_received"
+            resource_type="review_decision",
+            resource_id=ctx.case.case_key,
+            step_name="review_decision_received",
         )
         decision = await ctx.poll(wait)
         if decision is None:
@@ -49,14 +51,18 @@ async def test_approval_waits_then_finishes_approved(backend: Backend) -> None:
     await engine.run_until_idle()
     done = await engine.get_case(case.case_key)
     assert (done.execution_state, done.finished_type, done.output) == (
-        ExecutionState.FINISHED, "approved", {"title": "Buy GPUs"},
+        ExecutionState.FINISHED,
+        "approved",
+        {"title": "Buy GPUs"},
     )
 
 
 async def test_approval_rejected_with_reason(backend: Backend) -> None:
     engine = backend.engine(approval_registry())
     case = await engine.run_workflow("approval", {"title": "Buy GPUs"})
-    await engine.publish_event("review_decision", case.case_key, {"decision": "rejected", "reason": "Budget too high"})
+    await engine.publish_event(
+        "review_decision", case.case_key, {"decision": "rejected", "reason": "Budget too high"}
+    )
     await engine.run_until_idle()
     done = await engine.get_case(case.case_key)
     assert (done.finished_type, done.finished_description) == ("rejected", "Budget too high")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from tests._backends import Backend, backend, pg_migrated_url  # noqa: F401
 from tianshu_core import (
     Case,
     Engine,
@@ -20,6 +19,8 @@ from tianshu_core import (
     WorkflowResult,
     memory_stores,
 )
+
+from tests._backends import Backend
 
 
 def counting_registry(calls: list[str]) -> WorkflowRegistry:
@@ -153,7 +154,9 @@ async def test_a_held_lease_keeps_others_out(backend: Backend) -> None:
 async def test_stale_holder_writes_are_refused_and_history_stays_consistent() -> None:
     """Holder A stalls past its lease; B takes the case and finishes; A's late writes bounce."""
     clock = ManualClock()
-    stores = memory_stores(clock)  # the in-memory store's lease clock can be moved; Postgres: tests/test_crash
+    stores = memory_stores(
+        clock
+    )  # the in-memory store's lease clock can be moved; Postgres: tests/test_crash
     reg = WorkflowRegistry()
     gate = asyncio.Event()
     a_error: list[BaseException] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tests._backends import Backend, backend, pg_migrated_url  # noqa: F401
 from tianshu_core import (
     DuplicateStepError,
     ExecutionState,
@@ -14,13 +13,15 @@ from tianshu_core import (
     WorkflowResult,
 )
 
+from tests._backends import Backend
+
 
 async def test_stages_loop_back_with_cleared_steps_and_wait(backend: Backend) -> None:
     reg = WorkflowRegistry()
     drafts: list[int] = []
 
     async def draft(ctx: WorkflowContext) -> StageOutcome:
-        n = await ctx.step("write", lambda: drafts.append(1) or len(drafts))
+        await ctx.step("write", lambda: drafts.append(1))
         return Next("review")
 
     async def review(ctx: WorkflowContext) -> StageOutcome:

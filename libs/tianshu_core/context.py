@@ -45,7 +45,7 @@ class WaitTimeoutError(TianshuError):
     code = "wait_timeout"
 
 
-class Suspend(BaseException):  # noqa: N818 - control flow, not an error
+class Suspend(BaseException):
     """Unwinds a workflow that must wait; the engine catches it and parks the case.
 
     A BaseException so that a workflow's `except Exception` cannot swallow it.
@@ -168,7 +168,13 @@ class WorkflowContext:
     async def _append(self, kind: JournalKind, name: str, data: str) -> JournalEntry:
         journal = self._journal
         entry = JournalEntry(
-            self.case.case_key, journal.next_seq, kind.value, name, data, self._run.token, self._run.clock.now()
+            self.case.case_key,
+            journal.next_seq,
+            kind.value,
+            name,
+            data,
+            self._run.token,
+            self._run.clock.now(),
         )
         journal.next_seq += 1
         await self._run.stores.journal.append(entry)
@@ -305,7 +311,7 @@ class WorkflowContext:
         resource_id: str,
         *,
         name: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a durable timeout, not an asyncio one
         intent: str | None = None,
     ) -> Any:
         """Wait for the next event on (resource_type, resource_id) and return its payload.
@@ -334,8 +340,14 @@ class WorkflowContext:
                 record = {"resource_type": resource_type, "resource_id": resource_id, "timed_out": True}
                 await self._append(JournalKind.EVENT, name, serde.dumps(record))
                 raise WaitTimeoutError(f"no event on {resource_type}/{resource_id} within {timeout}s")
-        raise Suspend([PollPredicate(resource_type=resource_type, resource_id=resource_id, step_name=name,
-                                     intent_desc=intent)], wake_at)
+        raise Suspend(
+            [
+                PollPredicate(
+                    resource_type=resource_type, resource_id=resource_id, step_name=name, intent_desc=intent
+                )
+            ],
+            wake_at,
+        )
 
     async def _deadline(self, name: str, seconds: float) -> datetime:
         entry = self._journal.records.get((name, self._generation[name]))
@@ -380,7 +392,9 @@ class WorkflowContext:
         )
         # Insert first, then journal: a crash in between re-inserts the same key, a no-op.
         await self._run.stores.cases.insert(child)
-        await self._append(JournalKind.CHILD, name, serde.dumps({"case_key": key, "workflow_code": workflow_code}))
+        await self._append(
+            JournalKind.CHILD, name, serde.dumps({"case_key": key, "workflow_code": workflow_code})
+        )
         if key not in self.case.child_keys:
             self.case.child_keys.append(key)
         self.executed.append(name)
@@ -389,13 +403,16 @@ class WorkflowContext:
     async def spawn_children(self, configs: Sequence[SpawnConfig]) -> list[ChildHandle]:
         """Spawn several children, in order."""
         return [
-            await self.spawn_child(c.workflow_code, c.input, name=c.name, case_key=c.case_key) for c in configs
+            await self.spawn_child(c.workflow_code, c.input, name=c.name, case_key=c.case_key)
+            for c in configs
         ]
 
     async def child_status(self, handle: ChildHandle) -> ChildOutcome:
         child = await self._run.stores.cases.get_by_key(handle.case_key)
         if child is None:
-            return ChildOutcome(handle.case_key, ExecutionState.FAILED, None, None, None, "child case not found")
+            return ChildOutcome(
+                handle.case_key, ExecutionState.FAILED, None, None, None, "child case not found"
+            )
         return ChildOutcome(
             child.case_key,
             child.execution_state,
@@ -405,7 +422,9 @@ class WorkflowContext:
             child.error.message if child.error else None,
         )
 
-    async def await_children(self, handles: Sequence[ChildHandle], *, name: str | None = None) -> list[ChildOutcome]:
+    async def await_children(
+        self, handles: Sequence[ChildHandle], *, name: str | None = None
+    ) -> list[ChildOutcome]:
         """Wait (as a row) until every child has finished or failed; their outcomes, in order."""
         name = self._name(name, "children")
         entry = self._claim(name)
@@ -414,13 +433,12 @@ class WorkflowContext:
             return [ChildOutcome(**{**o, "state": ExecutionState(o["state"])}) for o in _decode(entry)]
         outcomes = [await self.child_status(h) for h in handles]
         if all(o.state in (ExecutionState.FINISHED, ExecutionState.FAILED) for o in outcomes):
-            await self._append(
-                JournalKind.CHILD, name, serde.dumps([{**_outcome_dict(o)} for o in outcomes])
-            )
+            await self._append(JournalKind.CHILD, name, serde.dumps([{**_outcome_dict(o)} for o in outcomes]))
             self.executed.append(name)
             return outcomes
-        raise Suspend([PollPredicate(resource_type=CHILDREN_RESOURCE, resource_id=self.case.case_key,
-                                     step_name=name)])
+        raise Suspend(
+            [PollPredicate(resource_type=CHILDREN_RESOURCE, resource_id=self.case.case_key, step_name=name)]
+        )
 
     # -- outcome ------------------------------------------------------------------------------
 
@@ -450,9 +468,7 @@ class WorkflowContext:
                 self._stage_prefix = ""
             if not isinstance(outcome, Next):
                 return outcome
-            await self._clear(
-                [n for s in outcome.clear_stages for n in self._names_in_stage(s)]
-            )
+            await self._clear([n for s in outcome.clear_stages for n in self._names_in_stage(s)])
             stage = outcome.stage
 
     def _names_in_stage(self, stage: str) -> list[str]:
@@ -460,7 +476,9 @@ class WorkflowContext:
         names = {n for n, _ in self._journal.records if n.startswith(prefix)} | {
             n for n in self._used if n.startswith(prefix)
         }
-        return sorted(n for n in names if (n, self._generation[n]) in self._journal.records or n in self._used)
+        return sorted(
+            n for n in names if (n, self._generation[n]) in self._journal.records or n in self._used
+        )
 
 
 def _outcome_dict(o: ChildOutcome) -> dict[str, Any]:

@@ -32,8 +32,18 @@ from .errors import (
     PayloadTooLargeError,
     TianshuError,
 )
-from .models import Case, CaseFilter, Event, ExecutionState, JournalEntry, JournalKind, Lease, Lifecycle, Session
-from .results import Continue, Finished, Waiting, WorkflowResult
+from .models import (
+    Case,
+    CaseFilter,
+    Event,
+    ExecutionState,
+    JournalEntry,
+    JournalKind,
+    Lease,
+    Lifecycle,
+    Session,
+)
+from .results import Finished, Waiting, WorkflowResult
 from .stores.protocols import Stores
 from .tokens import new_case_key, require_plain
 from .workflow import WorkflowRegistry, default_registry
@@ -46,7 +56,7 @@ def _default_owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-class ExecutionMode(str, enum.Enum):
+class ExecutionMode(enum.StrEnum):
     """How a tick runs its runnable cases."""
 
     SEQUENTIAL = "sequential"
@@ -75,7 +85,7 @@ class ResourceFetcher(Protocol):
     async def fetch(self, resource_type: str, resource_id: str) -> Any | None: ...
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     """What one "run a case once" did."""
 
     FINISHED = "finished"
@@ -86,7 +96,9 @@ class RunStatus(str, enum.Enum):
     LEASE_LOST = "lease_lost"
 
 
-class TickOutcome(str, enum.Enum):
+class TickOutcome(enum.StrEnum):
+    """What one tick did: nothing to run, ran something, or stopped for shutdown."""
+
     IDLE = "idle"
     EXECUTED = "executed"
     SHUTDOWN_REQUESTED = "shutdown_requested"
@@ -145,9 +157,7 @@ class Engine:
 
     # -- creating cases -----------------------------------------------------------------------
 
-    def _new_case(
-        self, workflow_code: str, input: Any, case_key: str | None, session_id: str | None
-    ) -> Case:
+    def _new_case(self, workflow_code: str, input: Any, case_key: str | None, session_id: str | None) -> Case:
         key = require_plain(case_key, "case key") if case_key else new_case_key()
         now = self.clock.now()
         data = serde.loads(serde.encode_result("input", input, self.config.max_event_payload_bytes))
@@ -180,7 +190,8 @@ class Engine:
             raise CaseNotFoundError(case.case_key)
         if found.workflow_code != case.workflow_code:
             raise CaseExistsError(
-                f"case {case.case_key!r} exists with workflow {found.workflow_code!r}, not {case.workflow_code!r}"
+                f"case {case.case_key!r} exists with workflow {found.workflow_code!r}, "
+                f"not {case.workflow_code!r}"
             )
         return found
 
@@ -276,17 +287,23 @@ class Engine:
             )
         return result
 
-    async def _persist(self, ctx: WorkflowContext, lease: Lease, result: WorkflowResult | BaseException) -> RunStatus:
+    async def _persist(
+        self, ctx: WorkflowContext, lease: Lease, result: WorkflowResult | BaseException
+    ) -> RunStatus:
         case, stores, now = ctx.case, self.stores, self.clock.now()
         if ctx.replayed:
             await ctx._append(  # a record of what this run replayed, for inspection
-                JournalKind.REPLAY, "replay", serde.dumps({"replayed": ctx.replayed, "executed": ctx.executed})
+                JournalKind.REPLAY,
+                "replay",
+                serde.dumps({"replayed": ctx.replayed, "executed": ctx.executed}),
             )
         case.updated_at = now
         output: Any = None
         if isinstance(result, Finished):
             try:
-                output = serde.loads(serde.encode_result("output", result.output, self.config.max_step_result_bytes))
+                output = serde.loads(
+                    serde.encode_result("output", result.output, self.config.max_step_result_bytes)
+                )
             except TianshuError as exc:
                 result = exc
         status: RunStatus
@@ -408,7 +425,9 @@ class Engine:
                 value = await fetcher.fetch(p.resource_type, p.resource_id)
                 if value is not None:
                     digest = hashlib.sha256(serde.dumps(value).encode()).hexdigest()[:32]
-                    await self.publish_event(p.resource_type, p.resource_id, value, event_id=f"fetched-{digest}")
+                    await self.publish_event(
+                        p.resource_type, p.resource_id, value, event_id=f"fetched-{digest}"
+                    )
 
     async def tick(self, *, session_id: str | None = None) -> TickOutcome:
         """One pass: fire timers, ask the fetcher (or probe, if enabled), run runnable cases."""

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import ErrorInfo
 
 
-class ExecutionState(str, enum.Enum):
+class ExecutionState(enum.StrEnum):
     """Where a case is in its run: runnable, parked on a wait, or done."""
 
     RUNNING = "running"
@@ -21,7 +21,7 @@ class ExecutionState(str, enum.Enum):
     FAILED = "failed"
 
 
-class Lifecycle(str, enum.Enum):
+class Lifecycle(enum.StrEnum):
     """What an operator asked of a case: run normally, hold it, or stop it for good."""
 
     NORMAL = "normal"
@@ -116,7 +116,7 @@ class CaseFilter(BaseModel):
     parent_key: str | None = None
 
 
-class JournalKind(str, enum.Enum):
+class JournalKind(enum.StrEnum):
     """The kinds of durable effect a case's journal records."""
 
     STEP = "step"

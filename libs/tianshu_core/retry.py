@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class ErrorClass(str, enum.Enum):
+class ErrorClass(enum.StrEnum):
     """How a failure should be treated by a retry loop."""
 
     TRANSIENT = "transient"
@@ -68,11 +68,15 @@ class RetryPolicy:
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             delay = state.next_action.sleep if state.next_action else 0.0
-            log.warning("%s: attempt %d failed (%r); retrying in %.3fs", what, state.attempt_number, exc, delay)
+            log.warning(
+                "%s: attempt %d failed (%r); retrying in %.3fs", what, state.attempt_number, exc, delay
+            )
 
         return AsyncRetrying(
             stop=stop_after_attempt(self.max_attempts),
-            wait=wait_exponential(multiplier=self.base_delay, exp_base=self.backoff_factor, max=self.max_delay)
+            wait=wait_exponential(
+                multiplier=self.base_delay, exp_base=self.backoff_factor, max=self.max_delay
+            )
             + wait_random(0, self.jitter),
             retry=retry_if_exception(lambda exc: not self.is_fatal(exc)),
             before_sleep=before_sleep,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-import inspect
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .errors import DuplicateWorkflowError, UnknownWorkflowError
@@ -57,7 +57,7 @@ class WorkflowRegistry:
         """Decorator: register an async function (or a BaseWorkflow subclass) under `code`."""
 
         def decorate(target: T) -> T:
-            self.register(code, target)  # type: ignore[arg-type]
+            self.register(code, target)
             return target
 
         return decorate

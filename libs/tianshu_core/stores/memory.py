@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 import asyncio
 import itertools
 from collections import defaultdict
@@ -119,7 +121,9 @@ class InMemoryCaseStore:
     async def get_by_session(self, session_id: str) -> list[Case]:
         return await self.list(CaseFilter(session_id=session_id), limit=1_000_000)
 
-    async def list(self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0) -> list[Case]:
+    async def list(
+        self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0
+    ) -> builtins.list[Case]:
         found = sorted((c for c in self._db.cases.values() if _matches(c, flt)), key=lambda c: c.created_at)
         return [_copy(c) for c in found[offset : offset + limit]]
 
@@ -141,7 +145,7 @@ class InMemoryCaseStore:
         case.updated_at = self._db.clock.now()
         return True
 
-    async def mark_runnable(self, case_keys: Sequence[str]) -> list[str]:
+    async def mark_runnable(self, case_keys: Sequence[str]) -> builtins.list[str]:
         moved = []
         for key in case_keys:
             case = self._db.cases.get(key)
@@ -151,7 +155,7 @@ class InMemoryCaseStore:
                 moved.append(key)
         return moved
 
-    def _scan(self, state: ExecutionState, limit: int, session_id: str | None) -> list[str]:
+    def _scan(self, state: ExecutionState, limit: int, session_id: str | None) -> builtins.list[str]:
         found = sorted(
             (
                 c
@@ -165,10 +169,10 @@ class InMemoryCaseStore:
         )
         return [c.case_key for c in found[:limit]]
 
-    async def runnable(self, *, limit: int = 100, session_id: str | None = None) -> list[str]:
+    async def runnable(self, *, limit: int = 100, session_id: str | None = None) -> builtins.list[str]:
         return self._scan(ExecutionState.RUNNING, limit, session_id)
 
-    async def waiting(self, *, limit: int = 1000, session_id: str | None = None) -> list[str]:
+    async def waiting(self, *, limit: int = 1000, session_id: str | None = None) -> builtins.list[str]:
         return self._scan(ExecutionState.WAITING, limit, session_id)
 
     async def delete(self, case_key: str) -> None:

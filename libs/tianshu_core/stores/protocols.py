@@ -6,6 +6,8 @@ refuses it (`LeaseLostError`) once another holder has taken the case (fencing).
 
 from __future__ import annotations
 
+import builtins
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +46,9 @@ class CaseStore(Protocol):
     async def upsert(self, case: Case) -> None: ...
     async def get_by_key(self, case_key: str) -> Case | None: ...
     async def get_by_session(self, session_id: str) -> list[Case]: ...
-    async def list(self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0) -> list[Case]:
+    async def list(
+        self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0
+    ) -> builtins.list[Case]:
         """Cases matching the filter, oldest first."""
         ...
 
@@ -54,15 +58,15 @@ class CaseStore(Protocol):
         ...
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool: ...
-    async def mark_runnable(self, case_keys: Sequence[str]) -> list[str]:
+    async def mark_runnable(self, case_keys: Sequence[str]) -> builtins.list[str]:
         """Move waiting cases to running; returns the keys that moved."""
         ...
 
-    async def runnable(self, *, limit: int = 100, session_id: str | None = None) -> list[str]:
+    async def runnable(self, *, limit: int = 100, session_id: str | None = None) -> builtins.list[str]:
         """Keys of active running cases whose lease is free, oldest first."""
         ...
 
-    async def waiting(self, *, limit: int = 1000, session_id: str | None = None) -> list[str]: ...
+    async def waiting(self, *, limit: int = 1000, session_id: str | None = None) -> builtins.list[str]: ...
     async def delete(self, case_key: str) -> None:
         """Remove the case and everything stored under it (purge)."""
         ...

@@ -1,0 +1,40 @@
+"""Settings from the environment (prefix `TIANSHU_`); each has a default that works locally."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .engine import EngineConfig
+
+
+class Settings(BaseSettings):
+    """The core's settings, shared by the CLI and the services."""
+
+    model_config = SettingsConfigDict(env_prefix="TIANSHU_", extra="ignore")
+
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        description="Postgres URL (asyncpg form). TLS options in the URL are honoured.",
+    )
+    migrate_on_start: bool = Field(default=False, description="Apply pending migrations on start.")
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1, description="Keep small: the server allows ~100 in all.")
+    max_step_result_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_event_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    event_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    history_retention_s: float | None = Field(default=None, description="Unset: keep case history forever.")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_step_result_bytes=self.max_step_result_bytes,
+            max_event_payload_bytes=self.max_event_payload_bytes,
+            lease_ttl=self.lease_ttl_s,
+            event_retention=timedelta(seconds=self.event_retention_s),
+            history_retention=(
+                timedelta(seconds=self.history_retention_s) if self.history_retention_s is not None else None
+            ),
+        )
