@@ -21,6 +21,7 @@ from . import serde
 from .errors import (
     CorruptCheckpointError,
     DuplicateStepError,
+    LeaseLostError,
     TianshuError,
     UnknownWorkflowError,
 )
@@ -55,6 +56,30 @@ class Suspend(BaseException):
         super().__init__("workflow suspended")
         self.predicates = list(predicates)
         self.wake_at = wake_at
+
+
+class StoreFailure(BaseException):  # noqa: N818 - control flow, not an error
+    """A store call made on the workflow's behalf failed: the run is abandoned, not the case.
+
+    A BaseException so that a workflow's `except Exception` cannot mistake it for its own error.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"store failure: {cause!r}")
+        self.cause = cause
+
+
+async def _guard(awaitable: Awaitable[T]) -> T:
+    try:
+        return await awaitable
+    except LeaseLostError:
+        raise
+    except TianshuError as exc:
+        if exc.retryable:
+            raise StoreFailure(exc) from exc
+        raise
+    except Exception as exc:
+        raise StoreFailure(exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +202,7 @@ class WorkflowContext:
             self._run.clock.now(),
         )
         journal.next_seq += 1
-        await self._run.stores.journal.append(entry)
+        await _guard(self._run.stores.journal.append(entry))
         if kind != JournalKind.STATE and kind != JournalKind.CLEAR:
             journal.records[(name, self._generation[name])] = entry
         return entry
@@ -262,16 +287,16 @@ class WorkflowContext:
             return
         await self._append(JournalKind.STATE, name, text)
         self._journal.state[name] = text
-        await self._run.stores.state.save(self.case.case_key, name, serde.loads(text))
+        await _guard(self._run.stores.state.save(self.case.case_key, name, serde.loads(text)))
 
     async def get_session_state(self, name: str, default: Any = None) -> Any:
         """A variable shared by the cases of this session (last write wins, no locking)."""
-        entry = await self._run.stores.state.get_session(self.case.session_id, name)
+        entry = await _guard(self._run.stores.state.get_session(self.case.session_id, name))
         return default if entry is None else entry.data
 
     async def set_session_state(self, name: str, value: Any) -> None:
         serde.encode_result(f"session state {name}", value, self._run.config.max_step_result_bytes)
-        await self._run.stores.state.save_session(self.case.session_id, name, value)
+        await _guard(self._run.stores.state.save_session(self.case.session_id, name, value))
 
     # -- events and time ----------------------------------------------------------------------
 
@@ -289,8 +314,13 @@ class WorkflowContext:
 
     async def _consume(self, name: str, resource_type: str, resource_id: str) -> Any | None:
         key = (resource_type, resource_id)
-        event = await self._run.stores.events.next_after(
-            resource_type, resource_id, after_seq=self._journal.cursors[key], not_before=self.case.created_at
+        event = await _guard(
+            self._run.stores.events.next_after(
+                resource_type,
+                resource_id,
+                after_seq=self._journal.cursors[key],
+                not_before=self.case.created_at,
+            )
         )
         if event is None:
             return None
@@ -355,7 +385,7 @@ class WorkflowContext:
             return datetime.fromisoformat(_decode(entry)["fire_at"])
         fire_at = self._run.clock.now() + timedelta(seconds=seconds)
         await self._append(JournalKind.TIMER, name, serde.dumps({"fire_at": fire_at.isoformat()}))
-        await self._run.stores.timers.schedule(Timer(self.case.case_key, name, fire_at))
+        await _guard(self._run.stores.timers.schedule(Timer(self.case.case_key, name, fire_at)))
         return fire_at
 
     async def sleep(self, seconds: float, *, name: str | None = None) -> None:
@@ -391,7 +421,7 @@ class WorkflowContext:
             updated_at=now,
         )
         # Insert first, then journal: a crash in between re-inserts the same key, a no-op.
-        await self._run.stores.cases.insert(child)
+        await _guard(self._run.stores.cases.insert(child))
         await self._append(
             JournalKind.CHILD, name, serde.dumps({"case_key": key, "workflow_code": workflow_code})
         )
@@ -408,7 +438,7 @@ class WorkflowContext:
         ]
 
     async def child_status(self, handle: ChildHandle) -> ChildOutcome:
-        child = await self._run.stores.cases.get_by_key(handle.case_key)
+        child = await _guard(self._run.stores.cases.get_by_key(handle.case_key))
         if child is None:
             return ChildOutcome(
                 handle.case_key, ExecutionState.FAILED, None, None, None, "child case not found"

@@ -23,7 +23,7 @@ from opentelemetry import trace
 
 from . import serde
 from .clock import Clock, SystemClock
-from .context import CHILDREN_RESOURCE, Suspend, WorkflowContext
+from .context import CHILDREN_RESOURCE, StoreFailure, Suspend, WorkflowContext
 from .errors import (
     CaseExistsError,
     CaseNotFoundError,
@@ -94,6 +94,7 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"
     LEASE_LOST = "lease_lost"
+    ABANDONED = "abandoned"
 
 
 class TickOutcome(enum.StrEnum):
@@ -260,6 +261,12 @@ class Engine:
             except LeaseLostError as exc:
                 log.warning("case %s: %s; abandoning this run", case.case_key, exc)
                 return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
+            except StoreFailure as exc:
+                # The store is out of reach: the case is not at fault. Leave it running; this or
+                # another process runs it again once the lease is free.
+                log.warning("case %s: %s; abandoning this run", case.case_key, exc)
+                await self._release_quietly(lease)
+                return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
             finally:
                 heartbeat.stop()
             try:
@@ -267,7 +274,17 @@ class Engine:
             except LeaseLostError as exc:
                 log.warning("case %s: %s; outcome not stored", case.case_key, exc)
                 return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
+            except (StoreFailure, Exception) as exc:
+                log.warning("case %s: outcome not stored (%r); the case runs again later", case.case_key, exc)
+                await self._release_quietly(lease)
+                return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
         return RunReport(case.case_key, status, case, ctx.executed, ctx.replayed)
+
+    async def _release_quietly(self, lease: Lease) -> None:
+        try:
+            await self.stores.leases.release(lease)
+        except Exception as exc:
+            log.warning("case %s: lease not released (%r); it expires by itself", lease.case_key, exc)
 
     async def _execute(self, ctx: WorkflowContext) -> WorkflowResult | BaseException:
         try:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import builtins
-
 import asyncio
+import builtins
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence

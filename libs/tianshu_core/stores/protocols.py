@@ -7,7 +7,6 @@ refuses it (`LeaseLostError`) once another holder has taken the case (fencing).
 from __future__ import annotations
 
 import builtins
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
