@@ -11,9 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.approval import ApprovalWorkflow  # noqa: E402
-from tianshu_core import Engine, connect_postgres, default_registry  # noqa: E402
-from tianshu_core.embedded import database_url  # noqa: E402
+from examples.approval import ApprovalWorkflow
+from tianshu_core import Engine, connect_postgres, default_registry
+from tianshu_core.embedded import database_url
 
 
 async def main() -> int:

@@ -58,7 +58,7 @@ class Suspend(BaseException):
         self.wake_at = wake_at
 
 
-class StoreFailure(BaseException):  # noqa: N818 - control flow, not an error
+class StoreFailure(BaseException):
     """A store call made on the workflow's behalf failed: the run is abandoned, not the case.
 
     A BaseException so that a workflow's `except Exception` cannot mistake it for its own error.
