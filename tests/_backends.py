@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
+
 from tianshu_core import Engine, EngineConfig, ManualClock, Stores, WorkflowRegistry, memory_stores
 
 
@@ -25,15 +26,23 @@ BackendFactory = Callable[[], Backend]
 
 
 @pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    clock = ManualClock()
+def backend_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the in-memory backend, else the URL of the migrated test database."""
     if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("pg_migrated_url")
+    return url
+
+
+@pytest.fixture
+async def backend(backend_url: str | None) -> AsyncIterator[Backend]:
+    clock = ManualClock()
+    if backend_url is None:
         yield Backend("memory", memory_stores(), clock)
         return
     from tianshu_core import connect_postgres
 
-    url: str = request.getfixturevalue("pg_migrated_url")
-    stores = await connect_postgres(url, max_size=4)
+    stores = await connect_postgres(backend_url, max_size=4)
     try:
         yield Backend("postgres", stores, clock)
     finally:

@@ -1,31 +1,40 @@
-"""Shared fixtures: a fresh Postgres database per test session."""
+"""Shared fixtures: a Postgres server for the session, a fresh database on it, the suite's duration."""
 
 from __future__ import annotations
 
-import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from tests._pg import postgres_server
 
-def _server_url() -> str:
-    url = os.environ.get("TIANSHU_TEST_DATABASE_URL")
-    if url:
-        return url
-    # Fallbacks (testcontainers, embedded) are added by tests/_pg.py.
-    return "postgresql://postgres@127.0.0.1:5432/postgres"
+_SESSION_START = pytest.StashKey[float]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SESSION_START] = time.monotonic()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own summaries, --durations included
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    started = config.stash.get(_SESSION_START, None)
+    if started is not None:
+        terminalreporter.write_line(f"suite duration: {time.monotonic() - started:.1f} s")
 
 
 def _with_database(url: str, database: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{database}"
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
 @pytest.fixture(scope="session")
-def pg_server_url() -> str:
-    return _server_url()
+def pg_server_url() -> Iterator[str]:
+    """A server to create databases on: TIANSHU_TEST_DATABASE_URL, else Docker, else embedded."""
+    with postgres_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -66,12 +66,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "purge":
             await stores.cases.delete(args.case_key)
             return 0
-        case = await stores.cases.get_by_key(args.case_key)
-        if case is None:
+        found = await stores.cases.get_by_key(args.case_key)
+        if found is None:
             print(f"no case with key {args.case_key!r}", file=sys.stderr)
             return 1
         if args.command == "show":
-            print(case.model_dump_json(indent=2))
+            print(found.model_dump_json(indent=2))
             return 0
         for entry in await stores.journal.load(args.case_key):
             data: Any = serde.loads(entry.data)

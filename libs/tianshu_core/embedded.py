@@ -29,7 +29,6 @@ import importlib.util
 import logging
 import os
 import pwd
-import shutil
 import socket
 import stat
 import subprocess
@@ -349,9 +348,6 @@ def _read_from(path: Path, offset: int) -> str:
 def _run(account: _Account | None, executable: Path, args: Sequence[str]) -> None:
     """Run a Postgres program, as ``account`` when given, with a clean environment."""
     env = {"PATH": os.defpath, "LC_ALL": "C", "HOME": "/"}
-    privileges: dict[str, object] = {}
-    if account is not None:
-        privileges = {"user": account.uid, "group": account.gid, "extra_groups": []}
     # Output goes to a file, not a pipe: should a server child inherit the pipe, reading it to EOF
     # would wait for the server to exit.
     with tempfile.TemporaryFile() as output:
@@ -364,7 +360,10 @@ def _run(account: _Account | None, executable: Path, args: Sequence[str]) -> Non
             cwd="/",
             check=False,
             timeout=_TIMEOUT_S + 30,
-            **privileges,  # type: ignore[call-overload]
+            # extra_groups=[]: drop root's supplementary groups along with its uid.
+            user=None if account is None else account.uid,
+            group=None if account is None else account.gid,
+            extra_groups=None if account is None else [],
         )
         if result.returncode != 0:
             output.seek(0)
@@ -375,7 +374,7 @@ def _run(account: _Account | None, executable: Path, args: Sequence[str]) -> Non
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tianshu_core.embedded start|stop|url [--pgdata DIR]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m tianshu_core.embedded", description=__doc__.split("\n")[0]
+        prog="python -m tianshu_core.embedded", description="Run the embedded development Postgres."
     )
     parser.add_argument(
         "command",

@@ -1,0 +1,64 @@
+# Tianshu for Python. `make demo` and `make test` need only Python 3.11+: no Docker, no Postgres
+# (an embedded one is started when none is configured). See `make help`.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Touched after a successful install; reinstall when pyproject.toml is newer.
+STAMP := $(VENV)/.tianshu-dev-installed
+
+.PHONY: help venv test lint typecheck pytest demo bench bench-compare clean
+
+help:
+	@echo "make demo           run the approval demo (embedded Postgres unless TIANSHU_DATABASE_URL is set)"
+	@echo "make test           lint, type-check and run the test suite"
+	@echo "make lint           ruff check"
+	@echo "make typecheck      mypy (strict; configured in pyproject.toml)"
+	@echo "make bench          run the benchmarks (bench/run bench)"
+	@echo "make bench-compare  compare against the stored baseline (bench/run compare)"
+	@echo "make venv           create $(VENV) and install the project with its dev extras"
+	@echo "make clean          remove caches and build output (keeps $(VENV))"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { \
+		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ needed: make PYTHON=python3.11")' \
+		&& $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects nothing; that is a failure here, not a quiet success.
+pytest: venv
+	@status=0; $(BIN)/python -m pytest || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make: pytest collected no tests" >&2; fi; \
+	exit $$status
+
+# --keep-going: one run reports lint, type and test failures together; any failure fails `test`.
+test: venv
+	@time $(MAKE) --no-print-directory --keep-going lint typecheck pytest
+
+demo: venv
+	$(BIN)/python examples/approval_demo.py
+
+# The venv goes first on PATH so that bench/run finds its `python`.
+bench: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bench/run bench
+
+bench-compare: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bench/run compare
+
+clean:
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -type d -print0 \
+		| xargs -0 rm -rf
