@@ -1,0 +1,90 @@
+"""Sets tianshu's B1 beside the anchors measured in the same run: the ratios and their targets.
+
+Usage: python bench/compare.py RESULTS      (RESULTS: the lines the systems printed, one each)
+Prints 'ratios tianshu/dbos=…x tianshu/langgraph=…x seq_p50/asyncpg_commit_p50=…x', then one
+'target <ratio> <bound> PASS|MISS' line per target. Exits 1, naming the system, if a system's
+line or one of its figures is missing; a MISS is reported, not an error.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "tianshu": ("b1_steps_per_s", "b1_seq_step_p50_ms"),
+    "dbos": ("steps_per_s",),
+    "langgraph": ("steps_per_s",),
+    "asyncpg": ("commit_p50_ms", "commits_per_s"),
+}
+# (ratio, comparison, bound): tianshu's throughput over the anchors', its step latency over one commit's.
+TARGETS: list[tuple[str, str, float]] = [
+    ("tianshu/dbos", ">=", 30.0),
+    ("tianshu/langgraph", ">=", 12.0),
+    ("seq_p50/asyncpg_commit_p50", "<=", 1.5),
+]
+COMPARE: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+def parse(text: str) -> dict[str, dict[str, float]]:
+    """'system key=value key=value' lines → {system: {key: value}}; other lines are ignored."""
+    found: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        system, _, rest = line.strip().partition(" ")
+        if system not in REQUIRED:
+            continue
+        figures: dict[str, float] = {}
+        for pair in rest.split():
+            key, sep, value = pair.partition("=")
+            try:
+                figures[key] = float(value) if sep else float("nan")
+            except ValueError:
+                continue
+        found[system] = figures
+    return found
+
+
+def check(found: dict[str, dict[str, float]]) -> list[str]:
+    """One message per system whose line or figures are missing or unusable."""
+    problems = []
+    for system, keys in REQUIRED.items():
+        if system not in found:
+            problems.append(f"{system}: no '{system} …' line")
+            continue
+        bad = [k for k in keys if not found[system].get(k, 0.0) > 0.0]  # missing, nan, zero
+        if bad:
+            problems.append(f"{system}: missing or non-positive {', '.join(bad)}")
+    return problems
+
+
+def ratios(found: dict[str, dict[str, float]]) -> dict[str, float]:
+    t = found["tianshu"]
+    return {
+        "tianshu/dbos": t["b1_steps_per_s"] / found["dbos"]["steps_per_s"],
+        "tianshu/langgraph": t["b1_steps_per_s"] / found["langgraph"]["steps_per_s"],
+        "seq_p50/asyncpg_commit_p50": t["b1_seq_step_p50_ms"] / found["asyncpg"]["commit_p50_ms"],
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    found = parse(Path(argv[0]).read_text())
+    problems = check(found)
+    if problems:
+        for problem in problems:
+            print(f"bench: compare FAILED: {problem}", file=sys.stderr)
+        return 1
+    r = ratios(found)
+    print("ratios " + " ".join(f"{name}={value:.2f}x" for name, value in r.items()))
+    for name, op, bound in TARGETS:
+        verdict = "PASS" if COMPARE[op](r[name], bound) else "MISS"
+        print(f"target {name}{op}{bound:g}x {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
