@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
+
+from tests._backends import Backend
 from tianshu_core import (
     CaseExistsError,
     Continue,
@@ -22,8 +24,6 @@ from tianshu_core import (
     WorkflowRegistry,
     WorkflowResult,
 )
-
-from tests._backends import Backend
 
 
 class Reading(BaseModel):
@@ -100,6 +100,7 @@ async def _tamper(backend: Backend, case_key: str, name: str, data: str) -> None
                 entry.data = data
         return
     import asyncpg
+
     from tianshu_core.stores.postgres import dsn_of
 
     conn = await asyncpg.connect(dsn_of(backend.stores))

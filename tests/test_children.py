@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tests._backends import Backend
 from tianshu_core import (
     CaseFilter,
     Continue,
@@ -11,8 +12,6 @@ from tianshu_core import (
     WorkflowRegistry,
     WorkflowResult,
 )
-
-from tests._backends import Backend
 
 
 def registry(n_children: int) -> WorkflowRegistry:

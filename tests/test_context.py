@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
+
+from tests._backends import Backend
 from tianshu_core import (
     Continue,
     ExecutionState,
@@ -17,8 +19,6 @@ from tianshu_core import (
     WorkflowRegistry,
     WorkflowResult,
 )
-
-from tests._backends import Backend
 
 
 class Title(BaseModel):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
+from tests._backends import Backend
 from tianshu_core import (
     ExecutionState,
     InvalidTokenError,
@@ -17,8 +19,6 @@ from tianshu_core import (
     decode_token,
     encode_token,
 )
-
-from tests._backends import Backend
 
 
 def approval_registry() -> WorkflowRegistry:

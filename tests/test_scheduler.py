@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from tests._backends import Backend
 from tianshu_core import (
     Case,
     Engine,
@@ -19,8 +20,6 @@ from tianshu_core import (
     WorkflowResult,
     memory_stores,
 )
-
-from tests._backends import Backend
 
 
 def counting_registry(calls: list[str]) -> WorkflowRegistry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tests._backends import Backend
 from tianshu_core import (
     DuplicateStepError,
     ExecutionState,
@@ -12,8 +13,6 @@ from tianshu_core import (
     WorkflowRegistry,
     WorkflowResult,
 )
-
-from tests._backends import Backend
 
 
 async def test_stages_loop_back_with_cleared_steps_and_wait(backend: Backend) -> None:

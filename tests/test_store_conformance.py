@@ -1,0 +1,554 @@
+"""One conformance suite for every store backend: in-memory and Postgres behave alike.
+
+Tests share one Postgres database per session, so each isolates itself with uuid-based keys,
+sessions and resources, and scans are always narrowed to the test's own session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tianshu_core.errors import ErrorInfo, LeaseLostError
+from tianshu_core.models import (
+    Case,
+    CaseFilter,
+    ExecutionState,
+    JournalEntry,
+    Lifecycle,
+    PollPredicate,
+    Session,
+    Timer,
+)
+from tianshu_core.stores.memory import memory_stores
+from tianshu_core.stores.postgres import connect_postgres
+from tianshu_core.stores.protocols import Stores
+
+BACKENDS = [
+    pytest.param("memory", id="memory"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(scope="session")
+async def pg_stores(pg_url: str) -> AsyncIterator[Stores]:
+    stores = await connect_postgres(pg_url, migrate=True, max_size=8, application_name="tianshu-conformance")
+    yield stores
+    await stores.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def stores(request: pytest.FixtureRequest) -> Stores:
+    if request.param == "memory":
+        return memory_stores()
+    pg: Stores = request.getfixturevalue("pg_stores")
+    return pg
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def make_case(session_id: str | None = None, *, at: int = 0, **fields: Any) -> Case:
+    """A case created `at` seconds after NOW (for ordering), with a unique key unless given."""
+    fields.setdefault("case_key", uid("case"))
+    fields.setdefault("workflow_code", "wf")
+    when = NOW + timedelta(seconds=at)
+    return Case(session_id=session_id or uid("sess"), created_at=when, updated_at=when, **fields)
+
+
+def entry(case_key: str, seq: int, token: int, *, name: str | None = None, data: str = "{}") -> JournalEntry:
+    return JournalEntry(case_key, seq, "step", name or f"s{seq}", data, token, NOW)
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+async def test_session_upsert_get_delete(stores: Stores) -> None:
+    sid = uid("sess")
+    assert await stores.sessions.get(sid) is None
+    session = Session(session_id=sid, metadata={"user": "ann", "n": [1, 2]}, created_at=NOW, updated_at=NOW)
+    await stores.sessions.upsert(session)
+    assert await stores.sessions.get(sid) == session
+    changed = session.model_copy(update={"metadata": {"user": "bob"}, "updated_at": NOW + timedelta(seconds=1)})
+    await stores.sessions.upsert(changed)
+    assert await stores.sessions.get(sid) == changed
+    await stores.sessions.delete(sid)
+    assert await stores.sessions.get(sid) is None
+    await stores.sessions.delete(sid)  # deleting a missing session is fine
+
+
+# -- cases --------------------------------------------------------------------------------------
+
+
+async def test_case_insert_get_update(stores: Stores) -> None:
+    case = make_case(resource_data={"q": "hi", "nested": {"b": 1, "a": [None, True]}}, private_vars={"x": 1})
+    assert await stores.cases.get_by_key(case.case_key) is None
+    assert await stores.cases.insert(case) is True
+    assert await stores.cases.get_by_key(case.case_key) == case
+
+    other = case.model_copy(update={"workflow_code": "other"})
+    assert await stores.cases.insert(other) is False  # idempotent on key: first one stays
+    assert await stores.cases.get_by_key(case.case_key) == case
+
+    done = case.model_copy(
+        update={
+            "execution_state": ExecutionState.FAILED,
+            "child_keys": ["c1", "c2"],
+            "processing_report": {"steps": 3},
+            "finished_type": "error",
+            "finished_description": "boom",
+            "output": [1, "two"],
+            "error": ErrorInfo(type="ValueError", message="boom", code="x", retryable=True),
+            "updated_at": NOW + timedelta(seconds=5),
+        }
+    )
+    await stores.cases.upsert(done)
+    assert await stores.cases.get_by_key(case.case_key) == done
+
+    fresh = make_case()
+    await stores.cases.upsert(fresh)  # upsert creates too
+    assert await stores.cases.get_by_key(fresh.case_key) == fresh
+
+
+async def test_cases_by_session_oldest_first(stores: Stores) -> None:
+    sid = uid("sess")
+    later = make_case(sid, at=2)
+    earlier = make_case(sid, at=1)
+    elsewhere = make_case(at=0)
+    for case in (later, earlier, elsewhere):
+        await stores.cases.insert(case)
+    assert await stores.cases.get_by_session(sid) == [earlier, later]
+    assert await stores.cases.get_by_session(uid("sess")) == []
+
+
+async def test_case_list_and_count_filters(stores: Stores) -> None:
+    sid, wf, parent = uid("sess"), uid("wf"), uid("parent")
+    a = make_case(sid, at=1, workflow_code=wf)
+    b = make_case(sid, at=2, workflow_code=wf, execution_state=ExecutionState.WAITING, parent_key=parent)
+    c = make_case(sid, at=3, lifecycle_state=Lifecycle.PAUSE, parent_key=parent)
+    d = make_case(sid, at=4, execution_state=ExecutionState.FINISHED)
+    for case in (d, b, c, a):
+        await stores.cases.insert(case)
+
+    async def check(flt: CaseFilter, expected: list[Case]) -> None:
+        assert await stores.cases.list(flt) == expected
+        assert await stores.cases.count(flt) == len(expected)
+
+    await check(CaseFilter(session_id=sid), [a, b, c, d])
+    await check(CaseFilter(workflow_code=wf), [a, b])
+    await check(CaseFilter(parent_key=parent), [b, c])
+    await check(CaseFilter(session_id=sid, execution_state=ExecutionState.WAITING), [b])
+    await check(CaseFilter(session_id=sid, execution_state=ExecutionState.RUNNING), [a, c])
+    await check(CaseFilter(session_id=sid, lifecycle_state=Lifecycle.PAUSE), [c])
+    await check(CaseFilter(session_id=sid, lifecycle_state=Lifecycle.NORMAL, workflow_code="wf"), [d])
+    await check(CaseFilter(session_id=uid("sess")), [])
+    assert await stores.cases.list(CaseFilter(session_id=sid), limit=2) == [a, b]
+    assert await stores.cases.list(CaseFilter(session_id=sid), limit=2, offset=3) == [d]
+    assert await stores.cases.count() >= 4
+    assert len(await stores.cases.list(None, limit=3)) == 3
+
+
+# -- state --------------------------------------------------------------------------------------
+
+
+async def test_case_state(stores: Stores) -> None:
+    k1, k2 = uid("case"), uid("case")
+    assert await stores.state.get(k1, "x") is None
+    await stores.state.save(k1, "x", {"v": 1})
+    await stores.state.save(k1, "a", [1, 2])
+    await stores.state.save(k2, "x", "other case")
+    got = await stores.state.get(k1, "x")
+    assert got is not None and got.data == {"v": 1} and got.case_key == k1 and got.name == "x"
+    await stores.state.save(k1, "x", {"v": 2})
+    got = await stores.state.get(k1, "x")
+    assert got is not None and got.data == {"v": 2}
+    assert [(e.name, e.data) for e in await stores.state.get_all(k1)] == [("a", [1, 2]), ("x", {"v": 2})]
+
+    await stores.state.delete(k1, "a")
+    await stores.state.delete(k1, "a")  # idempotent
+    assert [e.name for e in await stores.state.get_all(k1)] == ["x"]
+    await stores.state.delete_by_case(k1)
+    await stores.state.delete_by_case(k1)
+    assert await stores.state.get_all(k1) == []
+    got = await stores.state.get(k2, "x")
+    assert got is not None and got.data == "other case"  # another case's state is untouched
+
+
+async def test_session_state_is_its_own_namespace(stores: Stores) -> None:
+    key = uid("shared")  # the same id used as a case key and as a session id
+    await stores.state.save(key, "v", "case")
+    await stores.state.save_session(key, "v", "session")
+    await stores.state.save_session(key, "w", None)
+    case_entry = await stores.state.get(key, "v")
+    session_entry = await stores.state.get_session(key, "v")
+    assert case_entry is not None and case_entry.data == "case"
+    assert session_entry is not None and session_entry.data == "session" and session_entry.session_id == key
+    await stores.state.save_session(key, "v", {"n": 2})
+    assert [(e.name, e.data) for e in await stores.state.get_all_session(key)] == [("v", {"n": 2}), ("w", None)]
+    await stores.state.delete_session(key, "w")
+    await stores.state.delete_session(key, "w")
+    assert [e.name for e in await stores.state.get_all_session(key)] == ["v"]
+    await stores.state.delete_by_session(key)
+    assert await stores.state.get_all_session(key) == []
+    assert await stores.state.get_session(key, "v") is None
+    case_entry = await stores.state.get(key, "v")
+    assert case_entry is not None and case_entry.data == "case"
+
+
+# -- leases and fencing ---------------------------------------------------------------------------
+
+
+async def test_lease_acquire_renew_release(stores: Stores) -> None:
+    case = make_case()
+    assert await stores.leases.acquire(case.case_key, "a", 30) is None  # no such case
+    await stores.cases.insert(case)
+    lease = await stores.leases.acquire(case.case_key, "a", 30)
+    assert lease is not None and lease.owner == "a" and lease.case == case
+    assert await stores.leases.acquire(case.case_key, "b", 30) is None  # held
+    assert await stores.leases.renew(lease, 30) is True
+    await stores.leases.release(lease)
+    again = await stores.leases.acquire(case.case_key, "b", 30)
+    assert again is not None and again.token > lease.token
+    assert await stores.leases.renew(lease, 30) is False  # stale token
+    await stores.leases.release(lease)  # a stale release changes nothing
+    assert await stores.leases.acquire(case.case_key, "c", 30) is None
+
+
+async def test_lease_expires(stores: Stores) -> None:
+    case = make_case()
+    await stores.cases.insert(case)
+    first = await stores.leases.acquire(case.case_key, "a", 0.2)
+    assert first is not None
+    assert await stores.leases.acquire(case.case_key, "b", 0.2) is None
+    await asyncio.sleep(0.35)
+    second = await stores.leases.acquire(case.case_key, "b", 30)
+    assert second is not None and second.token > first.token and second.owner == "b"
+    assert await stores.leases.renew(first, 30) is False
+
+
+async def test_create_leased(stores: Stores) -> None:
+    case = make_case()
+    lease = await stores.leases.create_leased(case, "a", 30)
+    assert lease is not None and lease.token == 1 and lease.case == case and lease.owner == "a"
+    assert await stores.leases.create_leased(case, "b", 30) is None
+    assert await stores.cases.insert(case) is False
+    assert await stores.leases.acquire(case.case_key, "b", 30) is None
+    await stores.cases.save(case, lease.token)  # the creator holds it
+
+
+async def test_stale_holder_is_fenced(stores: Stores) -> None:
+    sid = uid("sess")
+    case = make_case(sid)
+    await stores.cases.insert(case)
+    old = await stores.leases.acquire(case.case_key, "old", 0.1)
+    assert old is not None
+    await stores.journal.append(entry(case.case_key, 0, old.token))
+    await asyncio.sleep(0.25)
+    new = await stores.leases.acquire(case.case_key, "new", 30)
+    assert new is not None and new.token > old.token
+
+    with pytest.raises(LeaseLostError):
+        await stores.cases.save(case.model_copy(update={"output": "stale"}), old.token)
+    with pytest.raises(LeaseLostError):
+        await stores.journal.append(entry(case.case_key, 1, old.token))
+
+    await stores.journal.append(entry(case.case_key, 1, new.token, name="by-new"))
+    done = case.model_copy(update={"execution_state": ExecutionState.FINISHED, "output": "ok"})
+    await stores.cases.save(done, new.token)
+    assert await stores.cases.get_by_key(case.case_key) == done
+    assert [(e.seq, e.name, e.token) for e in await stores.journal.load(case.case_key)] == [
+        (0, "s0", old.token),
+        (1, "by-new", new.token),
+    ]
+
+
+async def test_save_with_release_frees_the_case(stores: Stores) -> None:
+    sid = uid("sess")
+    case = make_case(sid)
+    await stores.cases.insert(case)
+    lease = await stores.leases.acquire(case.case_key, "a", 30)
+    assert lease is not None
+    assert await stores.cases.runnable(session_id=sid) == []
+    await stores.cases.save(case, lease.token, release=True)
+    assert await stores.cases.runnable(session_id=sid) == [case.case_key]
+    again = await stores.leases.acquire(case.case_key, "b", 30)
+    assert again is not None and again.token > lease.token
+
+
+async def test_save_of_missing_case_is_refused(stores: Stores) -> None:
+    with pytest.raises(LeaseLostError):
+        await stores.cases.save(make_case(), 1)
+
+
+# -- journal ------------------------------------------------------------------------------------
+
+
+async def test_journal_append_load_in_order(stores: Stores) -> None:
+    case = make_case()
+    lease = await stores.leases.create_leased(case, "a", 30)
+    assert lease is not None
+    # Exact JSON text comes back: key order and spacing as appended.
+    texts = ['{"b":1,"a":[1,2]}', "null", '"x"', '{"z": {"y": 1, "x": 2}}', "[]"]
+    for seq, text in enumerate(texts):
+        await stores.journal.append(entry(case.case_key, seq, lease.token, data=text))
+    loaded = await stores.journal.load(case.case_key)
+    assert [e.seq for e in loaded] == [0, 1, 2, 3, 4]
+    assert [e.data for e in loaded] == texts
+    assert all(e.case_key == case.case_key and e.kind == "step" and e.token == lease.token for e in loaded)
+    assert loaded[0].created_at == NOW
+    assert await stores.journal.load(uid("case")) == []
+
+    await stores.journal.delete_by_case(case.case_key)
+    assert await stores.journal.load(case.case_key) == []
+
+
+async def test_journal_refuses_a_taken_seq(stores: Stores) -> None:
+    case = make_case()
+    lease = await stores.leases.create_leased(case, "a", 30)
+    assert lease is not None
+    await stores.journal.append(entry(case.case_key, 0, lease.token, name="first"))
+    with pytest.raises(LeaseLostError):
+        await stores.journal.append(entry(case.case_key, 0, lease.token, name="second"))
+    assert [e.name for e in await stores.journal.load(case.case_key)] == ["first"]
+
+
+async def test_journal_many_concurrent_appends(stores: Stores) -> None:
+    """500 appends from 50 coroutines, five per case, interleaving seqs on each case."""
+    leases = []
+    for _ in range(10):
+        lease = await stores.leases.create_leased(make_case(), "a", 60)
+        assert lease is not None
+        leases.append(lease)
+
+    async def writer(i: int) -> None:
+        lease = leases[i % 10]
+        for j in range(10):
+            seq = j * 5 + i // 10
+            await stores.journal.append(entry(lease.case_key, seq, lease.token, data=f'{{"w":{i},"j":{j}}}'))
+
+    await asyncio.gather(*(writer(i) for i in range(50)))
+    for lease in leases:
+        loaded = await stores.journal.load(lease.case_key)
+        assert [e.seq for e in loaded] == list(range(50))
+
+
+async def test_journal_refusal_affects_only_the_stale_entry(stores: Stores) -> None:
+    stale_case = make_case()
+    await stores.cases.insert(stale_case)
+    old = await stores.leases.acquire(stale_case.case_key, "old", 0.1)
+    assert old is not None
+    await asyncio.sleep(0.25)
+    assert await stores.leases.acquire(stale_case.case_key, "new", 30) is not None
+    good = []
+    for _ in range(5):
+        lease = await stores.leases.create_leased(make_case(), "a", 30)
+        assert lease is not None
+        good.append(lease)
+
+    results = await asyncio.gather(
+        *(stores.journal.append(entry(lease.case_key, seq, lease.token)) for lease in good for seq in range(4)),
+        stores.journal.append(entry(stale_case.case_key, 0, old.token)),
+        return_exceptions=True,
+    )
+    assert results[:-1] == [None] * 20
+    assert isinstance(results[-1], LeaseLostError)
+    for lease in good:
+        assert [e.seq for e in await stores.journal.load(lease.case_key)] == [0, 1, 2, 3]
+    assert await stores.journal.load(stale_case.case_key) == []
+
+
+# -- waits, events, timers ----------------------------------------------------------------------
+
+
+async def test_waits(stores: Stores) -> None:
+    k1, k2, rt, r1, r2 = uid("case"), uid("case"), uid("rt"), uid("r"), uid("r")
+    p1 = PollPredicate(resource_type=rt, resource_id=r1, step_name="approve", intent_desc="wait for ok")
+    p2 = PollPredicate(resource_type=rt, resource_id=r2, step_name="other")
+    await stores.waits.replace(k1, [p2, p1])
+    await stores.waits.replace(k2, [p1])
+    assert await stores.waits.for_case(k1) == [p2, p1]
+    assert sorted(await stores.waits.cases_waiting_on(rt, r1)) == sorted([k1, k2])
+    assert await stores.waits.cases_waiting_on(rt, r2) == [k1]
+    assert await stores.waits.cases_waiting_on(uid("rt"), r1) == []
+
+    await stores.waits.replace(k1, [p1])  # replaces, not adds
+    assert await stores.waits.for_case(k1) == [p1]
+    assert await stores.waits.cases_waiting_on(rt, r2) == []
+    await stores.waits.replace(k1, [])
+    assert await stores.waits.for_case(k1) == []
+    assert await stores.waits.cases_waiting_on(rt, r1) == [k2]
+    await stores.waits.delete_by_case(k2)
+    assert await stores.waits.cases_waiting_on(rt, r1) == []
+
+
+async def test_events_order_and_next_after(stores: Stores) -> None:
+    rt, rid = uid("rt"), uid("r")
+    t0 = NOW
+    since = t0 - timedelta(hours=1)
+    e1, new1 = await stores.events.publish(rt, rid, {"n": 1}, event_id=None, published_at=t0, dedupe_since=since)
+    e2, _ = await stores.events.publish(
+        rt, rid, {"n": 2}, event_id="id-2", published_at=t0 + timedelta(seconds=1), dedupe_since=since
+    )
+    other, _ = await stores.events.publish(
+        rt, uid("r"), "elsewhere", event_id=None, published_at=t0, dedupe_since=since
+    )
+    e3, _ = await stores.events.publish(
+        rt, rid, [3], event_id=None, published_at=t0 + timedelta(seconds=2), dedupe_since=since
+    )
+    assert new1 and e1.seq < e2.seq < e3.seq
+    assert (e1.resource_type, e1.resource_id, e1.payload, e1.event_id, e1.published_at) == (rt, rid, {"n": 1}, None, t0)
+
+    first = await stores.events.next_after(rt, rid, after_seq=0, not_before=since)
+    assert first == e1
+    assert await stores.events.next_after(rt, rid, after_seq=e1.seq, not_before=since) == e2
+    assert await stores.events.next_after(rt, rid, after_seq=e2.seq, not_before=since) == e3
+    assert await stores.events.next_after(rt, rid, after_seq=e3.seq, not_before=since) is None
+    # not_before skips events published before it (a new case never sees older events).
+    later = t0 + timedelta(seconds=1)
+    assert await stores.events.next_after(rt, rid, after_seq=0, not_before=later) == e2
+    assert await stores.events.next_after(rt, rid, after_seq=0, not_before=t0 + timedelta(seconds=3)) is None
+    assert await stores.events.next_after(rt, other.resource_id, after_seq=0, not_before=since) == other
+
+
+async def test_event_dedupe_window(stores: Stores) -> None:
+    rt, rid = uid("rt"), uid("r")
+    t0 = NOW
+    first, created = await stores.events.publish(
+        rt, rid, {"v": 1}, event_id="msg-1", published_at=t0, dedupe_since=t0 - timedelta(hours=1)
+    )
+    assert created
+    # A repeat within the window is a no-op that returns the stored event.
+    again, created = await stores.events.publish(
+        rt, rid, {"v": "changed"}, event_id="msg-1", published_at=t0 + timedelta(seconds=5), dedupe_since=t0
+    )
+    assert not created and again == first
+    # The same id on another resource is another event.
+    _, created = await stores.events.publish(
+        rt, uid("r"), {"v": 1}, event_id="msg-1", published_at=t0, dedupe_since=t0
+    )
+    assert created
+    # Once the window has passed the first one, the id is new again.
+    late, created = await stores.events.publish(
+        rt,
+        rid,
+        {"v": 2},
+        event_id="msg-1",
+        published_at=t0 + timedelta(hours=2),
+        dedupe_since=t0 + timedelta(seconds=1),
+    )
+    assert created and late.seq > first.seq and late.payload == {"v": 2}
+
+
+async def test_event_purge_before(stores: Stores) -> None:
+    rt, rid = uid("rt"), uid("r")
+    # Far in the past so no other test's events fall before the cutoff.
+    old = datetime(1990, 1, 1, tzinfo=UTC)
+    for i in range(3):
+        await stores.events.publish(
+            rt, rid, i, event_id=None, published_at=old + timedelta(days=i), dedupe_since=old
+        )
+    assert await stores.events.purge_before(old + timedelta(days=2)) == 2
+    remaining = await stores.events.next_after(rt, rid, after_seq=0, not_before=old)
+    assert remaining is not None and remaining.payload == 2
+    assert await stores.events.purge_before(old) == 0
+
+
+async def test_timers(stores: Stores) -> None:
+    k1, k2 = uid("case"), uid("case")
+    # In the far past, so the due() scan sees only this test's timers before `base + 1 year`.
+    base = datetime(1980, 1, 1, tzinfo=UTC) + timedelta(minutes=uuid.uuid4().int % 100_000)
+    t1, t2, t3 = (base + timedelta(seconds=s) for s in (10, 20, 30))
+    await stores.timers.schedule(Timer(k1, "wake", t2))
+    await stores.timers.schedule(Timer(k1, "nudge", t1))
+    await stores.timers.schedule(Timer(k2, "wake", t3))
+
+    def mine(timers: list[Timer]) -> list[Timer]:
+        return [t for t in timers if t.case_key in (k1, k2)]
+
+    assert mine(await stores.timers.due(base)) == []
+    assert mine(await stores.timers.due(t2)) == [Timer(k1, "nudge", t1), Timer(k1, "wake", t2)]
+    await stores.timers.schedule(Timer(k1, "nudge", t3))  # moved, not added
+    assert mine(await stores.timers.due(t2)) == [Timer(k1, "wake", t2)]
+    assert len(await stores.timers.due(t3 + timedelta(days=365), limit=2)) == 2
+    await stores.timers.delete(k1, "wake")
+    await stores.timers.delete(k1, "wake")
+    same_time = mine(await stores.timers.due(t3))
+    assert sorted(same_time, key=lambda t: t.case_key) == sorted(
+        [Timer(k1, "nudge", t3), Timer(k2, "wake", t3)], key=lambda t: t.case_key
+    )
+    await stores.timers.delete_by_case(k1)
+    assert mine(await stores.timers.due(t3)) == [Timer(k2, "wake", t3)]
+
+
+# -- scheduling scans and purge -----------------------------------------------------------------
+
+
+async def test_runnable_waiting_and_mark_runnable(stores: Stores) -> None:
+    sid = uid("sess")
+    run1 = make_case(sid, at=1)
+    wait1 = make_case(sid, at=2, execution_state=ExecutionState.WAITING)
+    run2 = make_case(sid, at=3)
+    paused = make_case(sid, at=4, lifecycle_state=Lifecycle.PAUSE)
+    done = make_case(sid, at=5, execution_state=ExecutionState.FINISHED)
+    wait2 = make_case(sid, at=6, execution_state=ExecutionState.WAITING)
+    leased = make_case(sid, at=0)
+    for case in (wait2, done, paused, run2, wait1, run1, leased):
+        await stores.cases.insert(case)
+    lease = await stores.leases.acquire(leased.case_key, "a", 30)
+    assert lease is not None
+
+    assert await stores.cases.runnable(session_id=sid) == [run1.case_key, run2.case_key]
+    assert await stores.cases.runnable(session_id=sid, limit=1) == [run1.case_key]
+    assert await stores.cases.waiting(session_id=sid) == [wait1.case_key, wait2.case_key]
+
+    moved = await stores.cases.mark_runnable([wait2.case_key, run1.case_key, done.case_key, uid("missing")])
+    assert moved == [wait2.case_key]
+    assert await stores.cases.mark_runnable([wait2.case_key]) == []
+    assert await stores.cases.mark_runnable([]) == []
+    got = await stores.cases.get_by_key(wait2.case_key)
+    assert got is not None and got.execution_state is ExecutionState.RUNNING
+    assert await stores.cases.runnable(session_id=sid) == [run1.case_key, run2.case_key, wait2.case_key]
+    assert await stores.cases.waiting(session_id=sid) == [wait1.case_key]
+
+    assert await stores.cases.set_lifecycle(run1.case_key, Lifecycle.PAUSE) is True
+    assert await stores.cases.set_lifecycle(uid("missing"), Lifecycle.PAUSE) is False
+    assert await stores.cases.runnable(session_id=sid) == [run2.case_key, wait2.case_key]
+    await stores.leases.release(lease)
+    assert await stores.cases.runnable(session_id=sid) == [leased.case_key, run2.case_key, wait2.case_key]
+
+
+async def test_case_delete_purges_everything(stores: Stores) -> None:
+    case, keep = make_case(), make_case()
+    lease = await stores.leases.create_leased(case, "a", 30)
+    keep_lease = await stores.leases.create_leased(keep, "a", 30)
+    assert lease is not None and keep_lease is not None
+    pred = PollPredicate(resource_type=uid("rt"), resource_id=uid("r"), step_name="s")
+    for lz in (lease, keep_lease):
+        await stores.journal.append(entry(lz.case_key, 0, lz.token))
+        await stores.state.save(lz.case_key, "v", 1)
+        await stores.waits.replace(lz.case_key, [pred])
+        await stores.timers.schedule(Timer(lz.case_key, "t", datetime(1970, 1, 2, tzinfo=UTC)))
+
+    await stores.cases.delete(case.case_key)
+    await stores.cases.delete(case.case_key)  # idempotent
+    assert await stores.cases.get_by_key(case.case_key) is None
+    assert await stores.journal.load(case.case_key) == []
+    assert await stores.state.get_all(case.case_key) == []
+    assert await stores.waits.for_case(case.case_key) == []
+    assert await stores.waits.cases_waiting_on(pred.resource_type, pred.resource_id) == [keep.case_key]
+    due = await stores.timers.due(datetime(1970, 1, 3, tzinfo=UTC), limit=10_000)
+    assert [t.case_key for t in due if t.case_key in (case.case_key, keep.case_key)] == [keep.case_key]
+    # The other case is untouched.
+    assert len(await stores.journal.load(keep.case_key)) == 1
+    assert len(await stores.state.get_all(keep.case_key)) == 1
+    # The key can be used again.
+    assert await stores.cases.insert(case) is True
