@@ -17,6 +17,7 @@ class Backend:
     name: str
     stores: Stores
     clock: ManualClock
+    url: str | None = None
 
     def engine(self, registry: WorkflowRegistry, **config: object) -> Engine:
         return Engine(self.stores, registry, clock=self.clock, config=EngineConfig(**config))  # type: ignore[arg-type]
@@ -44,7 +45,7 @@ async def backend(backend_url: str | None) -> AsyncIterator[Backend]:
 
     stores = await connect_postgres(backend_url, max_size=4)
     try:
-        yield Backend("postgres", stores, clock)
+        yield Backend("postgres", stores, clock, backend_url)
     finally:
         await stores.close()
 

@@ -101,9 +101,8 @@ async def _tamper(backend: Backend, case_key: str, name: str, data: str) -> None
         return
     import asyncpg
 
-    from tianshu_core.stores.postgres import dsn_of
-
-    conn = await asyncpg.connect(dsn_of(backend.stores))
+    assert backend.url is not None
+    conn = await asyncpg.connect(backend.url)
     try:
         await conn.execute(
             "UPDATE tianshu_journal SET data = $3::jsonb WHERE case_key = $1 AND name = $2",

@@ -253,11 +253,11 @@ async def test_resource_fetcher_pull_model(backend: Backend) -> None:
     fetcher = Decisions()
     engine = backend.engine(approval_registry())
     engine.fetcher = fetcher
-    case = await engine.run_workflow("approval", {"title": "t"})
-    await engine.tick()
+    case = await engine.run_workflow("approval", {"title": "t"}, session_id="pull-model")
+    await engine.tick(session_id="pull-model")
     assert fetcher.asked == [("review_decision", case.case_key)]
     fetcher.ready[case.case_key] = {"decision": "approved"}
-    await engine.run_until_idle()
+    await engine.run_until_idle(session_id="pull-model")
     assert (await engine.get_case(case.case_key)).finished_type == "approved"
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 
 from . import serde
@@ -28,6 +27,7 @@ from .errors import (
 from .models import Case, ExecutionState, JournalEntry, JournalKind, PollPredicate, Timer
 from .results import Finished, Waiting, WorkflowResult
 from .retry import RetryPolicy
+from .telemetry import in_span
 from .tokens import child_case_key, require_plain
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ T = TypeVar("T")
 StepFn = Callable[[], "T | Awaitable[T]"]
 
 CHILDREN_RESOURCE = "tianshu-children"
-_tracer = trace.get_tracer("tianshu")
 
 
 class WaitTimeoutError(TianshuError):
@@ -227,14 +226,20 @@ class WorkflowContext:
         if entry is not None:
             self.replayed.append(name)
             return self._decode_step(entry, returns)
-        with _tracer.start_as_current_span("tianshu.step", attributes={"tianshu.step": name}):
-            value = fn()
-            if inspect.isawaitable(value):
-                value = await value
-            text = serde.encode_result(name, value, self._run.config.max_step_result_bytes)
-            entry = await self._append(JournalKind.STEP, name, text)
+        entry = await in_span(
+            "tianshu.step",
+            {"tianshu.step": name, "tianshu.case_key": self.case.case_key},
+            lambda: self._execute_step(name, fn),
+        )
         self.executed.append(name)
         return self._decode_step(entry, returns)
+
+    async def _execute_step(self, name: str, fn: Callable[[], Any]) -> JournalEntry:
+        value = fn()
+        if inspect.isawaitable(value):
+            value = await value
+        text = serde.encode_result(name, value, self._run.config.max_step_result_bytes)
+        return await self._append(JournalKind.STEP, name, text)
 
     def _decode_step(self, entry: JournalEntry, returns: Any) -> Any:
         data = _decode(entry)

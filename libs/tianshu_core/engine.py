@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
-from opentelemetry import trace
-
 from . import serde
 from .clock import Clock, SystemClock
 from .context import CHILDREN_RESOURCE, StoreFailure, Suspend, WorkflowContext
@@ -45,11 +43,11 @@ from .models import (
 )
 from .results import Finished, Waiting, WorkflowResult
 from .stores.protocols import Stores
+from .telemetry import in_span, tracer
 from .tokens import new_case_key, require_plain
 from .workflow import WorkflowRegistry, default_registry
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer("tianshu")
 
 
 def _default_owner() -> str:
@@ -248,36 +246,40 @@ class Engine:
         if not case.is_active:
             await stores.leases.release(lease)
             return RunReport(case.case_key, RunStatus.SKIPPED, case)
-        with _tracer.start_as_current_span(
+        return await in_span(
             "tianshu.run_case",
-            attributes={"tianshu.case_key": case.case_key, "tianshu.workflow": case.workflow_code},
-        ):
-            entries: Sequence[JournalEntry] = () if fresh else await stores.journal.load(case.case_key)
-            run = CaseRun(case, lease.token, stores, self.registry, self.clock, self.config)
-            ctx = WorkflowContext(run, entries)
-            heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
-            try:
-                result: WorkflowResult | BaseException = await self._execute(ctx)
-            except LeaseLostError as exc:
-                log.warning("case %s: %s; abandoning this run", case.case_key, exc)
-                return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
-            except StoreFailure as exc:
-                # The store is out of reach: the case is not at fault. Leave it running; this or
-                # another process runs it again once the lease is free.
-                log.warning("case %s: %s; abandoning this run", case.case_key, exc)
-                await self._release_quietly(lease)
-                return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
-            finally:
-                heartbeat.stop()
-            try:
-                status = await self._persist(ctx, lease, result)
-            except LeaseLostError as exc:
-                log.warning("case %s: %s; outcome not stored", case.case_key, exc)
-                return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
-            except (StoreFailure, Exception) as exc:
-                log.warning("case %s: outcome not stored (%r); the case runs again later", case.case_key, exc)
-                await self._release_quietly(lease)
-                return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
+            {"tianshu.case_key": case.case_key, "tianshu.workflow": case.workflow_code},
+            lambda: self._run_traced(lease, fresh),
+        )
+
+    async def _run_traced(self, lease: Lease, fresh: bool) -> RunReport:
+        case, stores = lease.case, self.stores
+        entries: Sequence[JournalEntry] = () if fresh else await stores.journal.load(case.case_key)
+        run = CaseRun(case, lease.token, stores, self.registry, self.clock, self.config)
+        ctx = WorkflowContext(run, entries)
+        heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
+        try:
+            result: WorkflowResult | BaseException = await self._execute(ctx)
+        except LeaseLostError as exc:
+            log.warning("case %s: %s; abandoning this run", case.case_key, exc)
+            return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
+        except StoreFailure as exc:
+            # The store is out of reach: the case is not at fault. Leave it running; this or
+            # another process runs it again once the lease is free.
+            log.warning("case %s: %s; abandoning this run", case.case_key, exc)
+            await self._release_quietly(lease)
+            return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
+        finally:
+            heartbeat.stop()
+        try:
+            status = await self._persist(ctx, lease, result)
+        except LeaseLostError as exc:
+            log.warning("case %s: %s; outcome not stored", case.case_key, exc)
+            return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
+        except (StoreFailure, Exception) as exc:
+            log.warning("case %s: outcome not stored (%r); the case runs again later", case.case_key, exc)
+            await self._release_quietly(lease)
+            return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
         return RunReport(case.case_key, status, case, ctx.executed, ctx.replayed)
 
     async def _release_quietly(self, lease: Lease) -> None:
@@ -397,9 +399,8 @@ class Engine:
                 f"event payload of {size} bytes is over the limit of {self.config.max_event_payload_bytes}"
             )
         now = self.clock.now()
-        with _tracer.start_as_current_span(
-            "tianshu.publish_event", attributes={"tianshu.resource": f"{resource_type}/{resource_id}"}
-        ):
+
+        async def publish() -> PublishResult:
             event, new = await self.stores.events.publish(
                 resource_type,
                 resource_id,
@@ -413,7 +414,11 @@ class Engine:
                 waiting = await self.stores.waits.cases_waiting_on(resource_type, resource_id)
                 if waiting:
                     woken = await self._wake(waiting)
-        return PublishResult(event, new, woken)
+            return PublishResult(event, new, woken)
+
+        return await in_span(
+            "tianshu.publish_event", {"tianshu.resource": f"{resource_type}/{resource_id}"}, publish
+        )
 
     # -- library-mode driver ------------------------------------------------------------------
 
@@ -450,7 +455,7 @@ class Engine:
         """One pass: fire timers, ask the fetcher (or probe, if enabled), run runnable cases."""
         if self._shutdown.is_set():
             return TickOutcome.SHUTDOWN_REQUESTED
-        with _tracer.start_as_current_span("tianshu.tick"):
+        with tracer.start_as_current_span("tianshu.tick"):
             await self.fire_due_timers()
             await self._evaluate_waiting(session_id)
             keys = await self.stores.cases.runnable(limit=self.config.tick_batch, session_id=session_id)
