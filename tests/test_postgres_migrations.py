@@ -68,7 +68,9 @@ async def test_fresh_database_is_migrated_and_rerun_is_a_no_op(fresh_db: str) ->
     assert await schema_version(fresh_db) == latest_version() >= 1
     conn = await asyncpg.connect(fresh_db)
     try:
-        tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE 'tianshu_%'")}
+        tables = {
+            r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE 'tianshu_%'")
+        }
     finally:
         await conn.close()
     assert tables >= TABLES

@@ -7,6 +7,7 @@ sessions and resources, and scans are always narrowed to the test's own session.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -78,7 +79,9 @@ async def test_session_upsert_get_delete(stores: Stores) -> None:
     session = Session(session_id=sid, metadata={"user": "ann", "n": [1, 2]}, created_at=NOW, updated_at=NOW)
     await stores.sessions.upsert(session)
     assert await stores.sessions.get(sid) == session
-    changed = session.model_copy(update={"metadata": {"user": "bob"}, "updated_at": NOW + timedelta(seconds=1)})
+    changed = session.model_copy(
+        update={"metadata": {"user": "bob"}, "updated_at": NOW + timedelta(seconds=1)}
+    )
     await stores.sessions.upsert(changed)
     assert await stores.sessions.get(sid) == changed
     await stores.sessions.delete(sid)
@@ -193,7 +196,10 @@ async def test_session_state_is_its_own_namespace(stores: Stores) -> None:
     assert case_entry is not None and case_entry.data == "case"
     assert session_entry is not None and session_entry.data == "session" and session_entry.session_id == key
     await stores.state.save_session(key, "v", {"n": 2})
-    assert [(e.name, e.data) for e in await stores.state.get_all_session(key)] == [("v", {"n": 2}), ("w", None)]
+    assert [(e.name, e.data) for e in await stores.state.get_all_session(key)] == [
+        ("v", {"n": 2}),
+        ("w", None),
+    ]
     await stores.state.delete_session(key, "w")
     await stores.state.delete_session(key, "w")
     assert [e.name for e in await stores.state.get_all_session(key)] == ["v"]
@@ -355,7 +361,11 @@ async def test_journal_refusal_affects_only_the_stale_entry(stores: Stores) -> N
         good.append(lease)
 
     results = await asyncio.gather(
-        *(stores.journal.append(entry(lease.case_key, seq, lease.token)) for lease in good for seq in range(4)),
+        *(
+            stores.journal.append(entry(lease.case_key, seq, lease.token))
+            for lease in good
+            for seq in range(4)
+        ),
         stores.journal.append(entry(stale_case.case_key, 0, old.token)),
         return_exceptions=True,
     )
@@ -364,6 +374,43 @@ async def test_journal_refusal_affects_only_the_stale_entry(stores: Stores) -> N
     for lease in good:
         assert [e.seq for e in await stores.journal.load(lease.case_key)] == [0, 1, 2, 3]
     assert await stores.journal.load(stale_case.case_key) == []
+
+
+async def test_old_holder_writes_stop_when_the_lease_is_taken(stores: Stores) -> None:
+    """Appends racing a lease steal: none under the old token may land after the steal."""
+    case = make_case()
+    await stores.cases.insert(case)
+    old = await stores.leases.acquire(case.case_key, "old", 0.05)
+    assert old is not None
+    await asyncio.sleep(0.1)  # expired but not yet taken: the old holder still writes
+    seqs = itertools.count()
+
+    async def old_writer() -> None:
+        while True:
+            try:
+                await stores.journal.append(entry(case.case_key, next(seqs), old.token))
+            except LeaseLostError:
+                return
+
+    writers = [asyncio.create_task(old_writer()) for _ in range(20)]
+    await asyncio.sleep(0.02)
+    new = await stores.leases.acquire(case.case_key, "new", 30)
+    assert new is not None
+    at_steal = len(await stores.journal.load(case.case_key))
+    await asyncio.wait_for(asyncio.gather(*writers), 10)  # each ends refused
+    assert len(await stores.journal.load(case.case_key)) == at_steal
+
+
+@pytest.mark.postgres
+async def test_postgres_bad_entry_fails_alone(pg_stores: Stores) -> None:
+    """A batch whose statement fails is retried entry by entry: only the bad entry fails."""
+    lease = await pg_stores.leases.create_leased(make_case(), "a", 30)
+    assert lease is not None
+    entries = [entry(lease.case_key, seq, lease.token) for seq in range(6)]
+    entries[4].data = "this is not JSON"
+    results = await asyncio.gather(*(pg_stores.journal.append(e) for e in entries), return_exceptions=True)
+    assert [r is None for r in results] == [True, True, True, True, False, True]
+    assert [e.seq for e in await pg_stores.journal.load(lease.case_key)] == [0, 1, 2, 3, 5]
 
 
 # -- waits, events, timers ----------------------------------------------------------------------
@@ -394,7 +441,9 @@ async def test_events_order_and_next_after(stores: Stores) -> None:
     rt, rid = uid("rt"), uid("r")
     t0 = NOW
     since = t0 - timedelta(hours=1)
-    e1, new1 = await stores.events.publish(rt, rid, {"n": 1}, event_id=None, published_at=t0, dedupe_since=since)
+    e1, new1 = await stores.events.publish(
+        rt, rid, {"n": 1}, event_id=None, published_at=t0, dedupe_since=since
+    )
     e2, _ = await stores.events.publish(
         rt, rid, {"n": 2}, event_id="id-2", published_at=t0 + timedelta(seconds=1), dedupe_since=since
     )
@@ -405,7 +454,13 @@ async def test_events_order_and_next_after(stores: Stores) -> None:
         rt, rid, [3], event_id=None, published_at=t0 + timedelta(seconds=2), dedupe_since=since
     )
     assert new1 and e1.seq < e2.seq < e3.seq
-    assert (e1.resource_type, e1.resource_id, e1.payload, e1.event_id, e1.published_at) == (rt, rid, {"n": 1}, None, t0)
+    assert (e1.resource_type, e1.resource_id, e1.payload, e1.event_id, e1.published_at) == (
+        rt,
+        rid,
+        {"n": 1},
+        None,
+        t0,
+    )
 
     first = await stores.events.next_after(rt, rid, after_seq=0, not_before=since)
     assert first == e1

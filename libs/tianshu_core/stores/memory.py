@@ -230,6 +230,8 @@ class InMemoryJournalStore:
         self._db.fenced(entry.case_key, entry.token)
         seqs = self._db.journal_seqs[entry.case_key]
         if entry.seq in seqs:
+            if entry in self._db.journal[entry.case_key]:
+                return  # the same entry again: a retried append, already durable
             raise LeaseLostError(entry.case_key, entry.token)
         seqs.add(entry.seq)
         self._db.journal[entry.case_key].append(entry)

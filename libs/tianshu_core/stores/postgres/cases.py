@@ -1,0 +1,256 @@
+"""Cases and their leases: one table, `tianshu_cases`, with the lease columns on each row."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+from typing import Any
+
+from ...errors import LeaseLostError
+from ...models import Case, CaseFilter, ExecutionState, Lease, Lifecycle
+from ._backend import Conn, PgBackend
+from ._codec import CASE_COLUMNS, CASE_SET, CASE_VALUES, case_args, case_from_row
+
+_INSERT = f"""
+INSERT INTO tianshu_cases ({CASE_COLUMNS}) VALUES ({CASE_VALUES})
+ON CONFLICT (case_key) DO NOTHING
+RETURNING case_key
+"""
+_UPSERT = f"""
+INSERT INTO tianshu_cases ({CASE_COLUMNS}) VALUES ({CASE_VALUES})
+ON CONFLICT (case_key) DO UPDATE SET {CASE_SET}
+"""
+_SAVE = f"""
+UPDATE tianshu_cases SET {CASE_SET}
+WHERE case_key = $1 AND lease_token = $17
+"""
+_SAVE_RELEASE = f"""
+UPDATE tianshu_cases SET {CASE_SET}, lease_owner = NULL, lease_expires_at = NULL
+WHERE case_key = $1 AND lease_token = $17
+"""
+_GET = "SELECT * FROM tianshu_cases WHERE case_key = $1"
+# Lease free = never taken, released, or expired, by the database's clock.
+_FREE = "(lease_expires_at IS NULL OR lease_expires_at < now())"
+_SCAN = f"""
+SELECT case_key FROM tianshu_cases
+WHERE execution_state = $1 AND lifecycle = 'normal' AND {_FREE}
+  AND ($3::text IS NULL OR session_id = $3)
+ORDER BY created_at, case_key
+LIMIT $2
+"""
+_ACQUIRE = f"""
+UPDATE tianshu_cases
+SET lease_token = lease_token + 1, lease_owner = $2,
+    lease_expires_at = now() + $3::float8 * interval '1 second'
+WHERE case_key = $1 AND {_FREE}
+RETURNING *
+"""
+_CREATE_LEASED = f"""
+INSERT INTO tianshu_cases ({CASE_COLUMNS}, lease_owner, lease_token, lease_expires_at)
+VALUES ({CASE_VALUES}, $17, 1, now() + $18::float8 * interval '1 second')
+ON CONFLICT (case_key) DO NOTHING
+RETURNING *
+"""
+_FILTER_COLUMNS = (
+    ("session_id", "session_id"),
+    ("workflow_code", "workflow_code"),
+    ("execution_state", "execution_state"),
+    ("lifecycle_state", "lifecycle"),
+    ("parent_key", "parent_key"),
+)
+
+
+def _where(flt: CaseFilter | None) -> tuple[str, list[Any]]:
+    """A WHERE clause (or "") and its parameters for a CaseFilter."""
+    if flt is None:
+        return "", []
+    clauses: list[str] = []
+    args: list[Any] = []
+    for field, column in _FILTER_COLUMNS:
+        value = getattr(flt, field)
+        if value is not None:
+            args.append(value.value if isinstance(value, ExecutionState | Lifecycle) else value)
+            clauses.append(f"{column} = ${len(args)}")
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
+
+
+class PostgresCaseStore:
+    """Cases in `tianshu_cases`.
+
+    Retries: reads, `upsert`, the fenced `save`, `set_lifecycle` and `delete` are idempotent and
+    retried. `insert` is retried too; on a retry it reports True when the row it finds is
+    exactly the case it was inserting (its own first attempt committed). `mark_runnable` reports
+    which rows it moved, which a blind retry would lose, so it is retried only when the failure
+    came before the statement was sent.
+    """
+
+    def __init__(self, db: PgBackend) -> None:
+        self._db = db
+
+    async def insert(self, case: Case) -> bool:
+        """Create the case unless its key exists; True when created."""
+        args = case_args(case)
+
+        async def op(conn: Conn, attempt: int) -> bool:
+            if await conn.fetchval(_INSERT, *args) is not None:
+                return True
+            if attempt == 1:
+                return False
+            row = await conn.fetchrow(_GET, case.case_key)
+            return row is not None and case_from_row(row) == case
+
+        return await self._db.run("case insert", op)
+
+    async def upsert(self, case: Case) -> None:
+        """Create or overwrite the case (admin write: not fenced, lease untouched)."""
+        await self._db.execute("case upsert", _UPSERT, *case_args(case))
+
+    async def get_by_key(self, case_key: str) -> Case | None:
+        """The case, or None."""
+        row = await self._db.fetchrow("case get", _GET, case_key)
+        return None if row is None else case_from_row(row)
+
+    async def get_by_session(self, session_id: str) -> builtins.list[Case]:
+        """The session's cases, oldest first."""
+        rows = await self._db.fetch(
+            "cases by session",
+            "SELECT * FROM tianshu_cases WHERE session_id = $1 ORDER BY created_at, case_key",
+            session_id,
+        )
+        return [case_from_row(r) for r in rows]
+
+    async def list(
+        self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0
+    ) -> builtins.list[Case]:
+        """Cases matching the filter, oldest first."""
+        where, args = _where(flt)
+        n = len(args)
+        sql = (
+            f"SELECT * FROM tianshu_cases {where} "
+            f"ORDER BY created_at, case_key LIMIT ${n + 1} OFFSET ${n + 2}"
+        )
+        rows = await self._db.fetch("case list", sql, *args, limit, offset)
+        return [case_from_row(r) for r in rows]
+
+    async def count(self, flt: CaseFilter | None = None) -> int:
+        """How many cases match the filter."""
+        where, args = _where(flt)
+        return int(
+            await self._db.fetchval("case count", f"SELECT count(*) FROM tianshu_cases {where}", *args)
+        )
+
+    async def save(self, case: Case, token: int, *, release: bool = False) -> None:
+        """Write the case as its lease holder; LeaseLostError once another holder took it."""
+        status = await self._db.execute(
+            "case save", _SAVE_RELEASE if release else _SAVE, *case_args(case), token
+        )
+        if status != "UPDATE 1":
+            raise LeaseLostError(case.case_key, token)
+
+    async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool:
+        """Set what an operator asked of the case; False when there is no such case."""
+        status = await self._db.execute(
+            "case set_lifecycle",
+            "UPDATE tianshu_cases SET lifecycle = $2, updated_at = now() WHERE case_key = $1",
+            case_key,
+            lifecycle.value,
+        )
+        return status == "UPDATE 1"
+
+    async def mark_runnable(self, case_keys: Sequence[str]) -> builtins.list[str]:
+        """Move waiting cases to running; the keys that moved, in the order given."""
+        if not case_keys:
+            return []
+        rows = await self._db.fetch(
+            "case mark_runnable",
+            "UPDATE tianshu_cases SET execution_state = 'running', updated_at = now() "
+            "WHERE case_key = ANY($1::text[]) AND execution_state = 'waiting' RETURNING case_key",
+            builtins.list(case_keys),
+            idempotent=False,
+        )
+        moved = {r["case_key"] for r in rows}
+        return [k for k in dict.fromkeys(case_keys) if k in moved]
+
+    async def runnable(self, *, limit: int = 100, session_id: str | None = None) -> builtins.list[str]:
+        """Keys of active running cases whose lease is free or expired, oldest first."""
+        rows = await self._db.fetch("case runnable", _SCAN, "running", limit, session_id)
+        return [r["case_key"] for r in rows]
+
+    async def waiting(self, *, limit: int = 1000, session_id: str | None = None) -> builtins.list[str]:
+        """Keys of active waiting cases whose lease is free or expired, oldest first."""
+        rows = await self._db.fetch("case waiting", _SCAN, "waiting", limit, session_id)
+        return [r["case_key"] for r in rows]
+
+    async def delete(self, case_key: str) -> None:
+        """Remove the case and its journal, state, waits and timers, in one transaction."""
+
+        async def op(conn: Conn, _attempt: int) -> None:
+            async with conn.transaction():
+                # The case row goes first: a journal append in flight holds it FOR SHARE, so we
+                # wait for that append instead of deadlocking against its journal insert.
+                await conn.execute("DELETE FROM tianshu_cases WHERE case_key = $1", case_key)
+                for table in ("tianshu_journal", "tianshu_case_state", "tianshu_waits", "tianshu_timers"):
+                    await conn.execute(f"DELETE FROM {table} WHERE case_key = $1", case_key)
+
+        await self._db.run("case delete", op)
+
+
+class PostgresLeaseStore:
+    """Leases on `tianshu_cases` rows, by the database clock, with a growing fencing token.
+
+    Retries: `renew` and `release` are idempotent. A retried `acquire` is safe because its only
+    possible wrong answer is None (the first attempt took the lease and the retry sees it held),
+    which delays the case by one TTL and never lets two holders run it. A retried
+    `create_leased` that finds the key taken returns the lease when the row is exactly its own
+    first attempt (same case, owner, token 1).
+    """
+
+    def __init__(self, db: PgBackend) -> None:
+        self._db = db
+
+    async def acquire(self, case_key: str, owner: str, ttl: float) -> Lease | None:
+        """Take the case if its lease is free or expired; None when held or missing."""
+        row = await self._db.fetchrow("lease acquire", _ACQUIRE, case_key, owner, float(ttl))
+        if row is None:
+            return None
+        return Lease(case_key, owner, row["lease_token"], case_from_row(row))
+
+    async def create_leased(self, case: Case, owner: str, ttl: float) -> Lease | None:
+        """Insert a new case already leased to `owner` (token 1); None if the key exists."""
+        args = case_args(case)
+
+        async def op(conn: Conn, attempt: int) -> Lease | None:
+            row = await conn.fetchrow(_CREATE_LEASED, *args, owner, float(ttl))
+            if row is None and attempt > 1:
+                row = await conn.fetchrow(_GET, case.case_key)
+                if row is not None and not (
+                    row["lease_owner"] == owner and row["lease_token"] == 1 and case_from_row(row) == case
+                ):
+                    row = None
+            if row is None:
+                return None
+            return Lease(case.case_key, owner, row["lease_token"], case_from_row(row))
+
+        return await self._db.run("lease create_leased", op)
+
+    async def renew(self, lease: Lease, ttl: float) -> bool:
+        """Extend the lease; False when its token is no longer current."""
+        status = await self._db.execute(
+            "lease renew",
+            "UPDATE tianshu_cases SET lease_expires_at = now() + $3::float8 * interval '1 second' "
+            "WHERE case_key = $1 AND lease_token = $2",
+            lease.case_key,
+            lease.token,
+            float(ttl),
+        )
+        return status == "UPDATE 1"
+
+    async def release(self, lease: Lease) -> None:
+        """Free the case for others (no-op when the token is no longer current)."""
+        await self._db.execute(
+            "lease release",
+            "UPDATE tianshu_cases SET lease_owner = NULL, lease_expires_at = NULL "
+            "WHERE case_key = $1 AND lease_token = $2",
+            lease.case_key,
+            lease.token,
+        )

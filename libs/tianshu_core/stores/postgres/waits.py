@@ -1,0 +1,111 @@
+"""Waits (what a waiting case waits for) and durable timers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from ...models import PollPredicate, Timer
+from ._backend import Conn, PgBackend
+
+
+class PostgresWaitStore:
+    """Predicates in `tianshu_waits`, one row each, indexed by (resource_type, resource_id).
+
+    `replace` is a delete plus an insert in one transaction, so it is idempotent and retried.
+    """
+
+    def __init__(self, db: PgBackend) -> None:
+        self._db = db
+
+    async def replace(self, case_key: str, predicates: Sequence[PollPredicate]) -> None:
+        """Make `predicates` the case's whole set of waits (empty: no waits)."""
+        preds = list(predicates)
+
+        async def op(conn: Conn, _attempt: int) -> None:
+            async with conn.transaction():
+                await conn.execute("DELETE FROM tianshu_waits WHERE case_key = $1", case_key)
+                if preds:
+                    await conn.execute(
+                        "INSERT INTO tianshu_waits "
+                        "(case_key, position, resource_type, resource_id, step_name, intent_desc) "
+                        "SELECT $1, p.ord::int, p.rt, p.rid, p.step, p.intent "
+                        "FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) "
+                        "WITH ORDINALITY AS p(rt, rid, step, intent, ord)",
+                        case_key,
+                        [p.resource_type for p in preds],
+                        [p.resource_id for p in preds],
+                        [p.step_name for p in preds],
+                        [p.intent_desc for p in preds],
+                    )
+
+        await self._db.run("waits replace", op)
+
+    async def for_case(self, case_key: str) -> list[PollPredicate]:
+        """The case's predicates, in the order they were given."""
+        rows = await self._db.fetch(
+            "waits for_case",
+            "SELECT resource_type, resource_id, step_name, intent_desc FROM tianshu_waits "
+            "WHERE case_key = $1 ORDER BY position",
+            case_key,
+        )
+        return [
+            PollPredicate(resource_type=r[0], resource_id=r[1], step_name=r[2], intent_desc=r[3])
+            for r in rows
+        ]
+
+    async def cases_waiting_on(self, resource_type: str, resource_id: str) -> list[str]:
+        """Keys of the cases with a predicate on this resource (an index lookup)."""
+        rows = await self._db.fetch(
+            "waits cases_waiting_on",
+            "SELECT DISTINCT case_key FROM tianshu_waits WHERE resource_type = $1 AND resource_id = $2 "
+            "ORDER BY case_key",
+            resource_type,
+            resource_id,
+        )
+        return [r[0] for r in rows]
+
+    async def delete_by_case(self, case_key: str) -> None:
+        """Drop the case's predicates."""
+        await self._db.execute("waits delete", "DELETE FROM tianshu_waits WHERE case_key = $1", case_key)
+
+
+class PostgresTimerStore:
+    """Timers in `tianshu_timers`, by the engine's clock (times are passed in). All retried."""
+
+    def __init__(self, db: PgBackend) -> None:
+        self._db = db
+
+    async def schedule(self, timer: Timer) -> None:
+        """Create or move the case's timer `name`."""
+        await self._db.execute(
+            "timer schedule",
+            "INSERT INTO tianshu_timers (case_key, name, fire_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (case_key, name) DO UPDATE SET fire_at = EXCLUDED.fire_at",
+            timer.case_key,
+            timer.name,
+            timer.fire_at,
+        )
+
+    async def due(self, now: datetime, *, limit: int = 100) -> list[Timer]:
+        """Timers with fire_at <= now, earliest first."""
+        rows = await self._db.fetch(
+            "timer due",
+            "SELECT case_key, name, fire_at FROM tianshu_timers WHERE fire_at <= $1 "
+            "ORDER BY fire_at, case_key, name LIMIT $2",
+            now,
+            limit,
+        )
+        return [Timer(r[0], r[1], r[2]) for r in rows]
+
+    async def delete(self, case_key: str, name: str) -> None:
+        """Remove one timer (no-op when absent)."""
+        await self._db.execute(
+            "timer delete", "DELETE FROM tianshu_timers WHERE case_key = $1 AND name = $2", case_key, name
+        )
+
+    async def delete_by_case(self, case_key: str) -> None:
+        """Remove all the case's timers."""
+        await self._db.execute(
+            "timer delete_by_case", "DELETE FROM tianshu_timers WHERE case_key = $1", case_key
+        )
