@@ -47,7 +47,9 @@ async def create_pool(
 
     Opening it is retried on transient errors: a service often starts while Postgres does.
     """
-    settings = {"application_name": application_name}
+    # Every lookup the engine makes has an index. Without this, a generic plan cached while the
+    # tables were small (a new database) keeps scanning tianshu_cases sequentially as it grows.
+    settings = {"application_name": application_name, "enable_seqscan": "off"}
     if statement_timeout_ms is not None:
         settings["statement_timeout"] = str(int(statement_timeout_ms))
 
