@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
+
 from . import serde
 from .errors import TianshuError
 from .models import CaseFilter, ExecutionState
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return asyncio.run(_run(args, Settings()))
-    except TianshuError as exc:
+    except (TianshuError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,57 @@
+"""The `tianshu` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tianshu_core import Engine, WorkflowContext, WorkflowRegistry, WorkflowResult, connect_postgres
+
+pytestmark = pytest.mark.postgres
+
+
+def tianshu(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tianshu_core.cli", "--database-url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_migrate_list_show_history_purge(pg_migrated_url: str) -> None:
+    assert tianshu(pg_migrated_url, "db", "migrate").stdout.strip() == "schema is up to date"
+    assert int(tianshu(pg_migrated_url, "db", "version").stdout) >= 1
+
+    reg = WorkflowRegistry()
+
+    @reg.workflow("cli_demo")
+    async def cli_demo(ctx: WorkflowContext) -> WorkflowResult:
+        await ctx.step("greet", lambda: "hello")
+        raise RuntimeError("went wrong on purpose")
+
+    stores = await connect_postgres(pg_migrated_url, max_size=2)
+    try:
+        case = await Engine(stores, reg).run_workflow("cli_demo", session_id="cli-session")
+    finally:
+        await stores.close()
+
+    listed = tianshu(pg_migrated_url, "cases", "list", "--session", "cli-session", "--state", "failed")
+    assert listed.returncode == 0 and case.case_key in listed.stdout and "failed" in listed.stdout
+    shown = tianshu(pg_migrated_url, "cases", "show", case.case_key)
+    assert shown.returncode == 0 and "went wrong on purpose" in shown.stdout and "Traceback" in shown.stdout
+    history = tianshu(pg_migrated_url, "cases", "history", case.case_key)
+    assert history.returncode == 0 and "step   greet" in history.stdout and '"hello"' in history.stdout
+    assert tianshu(pg_migrated_url, "cases", "purge", case.case_key).returncode == 0
+    missing = tianshu(pg_migrated_url, "cases", "show", case.case_key)
+    assert missing.returncode == 1 and "no case with key" in missing.stderr
+
+
+def test_unreachable_database_gives_a_clear_error() -> None:
+    done = tianshu("postgresql://postgres@127.0.0.1:1/nowhere", "db", "version")
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "error:" in done.stderr
