@@ -29,6 +29,7 @@ from .errors import (
     LeaseLostError,
     PayloadTooLargeError,
     TianshuError,
+    UnknownWorkflowError,
 )
 from .models import (
     Case,
@@ -205,7 +206,7 @@ class Engine:
         """Create a case and run it once, now, until it finishes, waits or fails."""
         if workflow_code not in self.registry:
             # Fail before storing anything: the caller sees the error, no case is left behind.
-            self.registry.create(self._new_case(workflow_code, None, case_key, session_id))
+            raise UnknownWorkflowError(workflow_code, self.registry.codes)
         case = self._new_case(workflow_code, input, case_key, session_id)
         lease = await self.stores.leases.create_leased(case, self.config.owner, self.config.lease_ttl)
         if lease is None:
