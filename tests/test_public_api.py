@@ -9,6 +9,7 @@ EXPECTED = {
     "Case",
     "CaseExistsError",
     "CaseFilter",
+    "CaseInterruptedError",
     "CaseNotFoundError",
     "CaseStore",
     "ChildHandle",

@@ -192,3 +192,48 @@ async def test_stale_holder_writes_are_refused_and_history_stays_consistent() ->
     history = await b.history(case.case_key)
     assert [(e.name, e.token) for e in history if e.kind == "step"] == [("one", 1), ("two", 2)]
     assert (await b.get_case(case.case_key)).execution_state is ExecutionState.FINISHED
+
+
+async def test_a_paused_or_cancelled_case_stops_at_its_next_step_boundary(backend: Backend) -> None:
+    reg = WorkflowRegistry()
+    ran: list[str] = []
+    gate = asyncio.Event()
+
+    @reg.workflow("long")
+    async def long(ctx: WorkflowContext) -> WorkflowResult:
+        await ctx.step("one", lambda: ran.append("one"))
+
+        async def slow() -> None:
+            ran.append("two")
+            await gate.wait()
+
+        await ctx.step("two", slow)
+        await ctx.step("three", lambda: ran.append("three"))
+        return await ctx.finish("done")
+
+    engine = backend.engine(reg)
+    case = await engine.start_case("long", session_id="interrupt")
+    running = asyncio.create_task(engine.run_case(case.case_key))
+    while "two" not in ran:
+        await asyncio.sleep(0.01)
+    await engine.pause(case.case_key)
+    gate.set()
+    assert (await running).status is RunStatus.INTERRUPTED
+    assert ran == ["one", "two"]
+    assert [e.name for e in await engine.history(case.case_key)] == ["one"]
+    await engine.resume(case.case_key)
+    await engine.run_until_idle(session_id="interrupt")
+    assert ran == ["one", "two", "two", "three"]
+    assert (await engine.get_case(case.case_key)).execution_state is ExecutionState.FINISHED
+
+    gate.clear()
+    ran.clear()
+    other = await engine.start_case("long", session_id="interrupt")
+    running = asyncio.create_task(engine.run_case(other.case_key))
+    while "two" not in ran:
+        await asyncio.sleep(0.01)
+    await engine.cancel(other.case_key)
+    gate.set()
+    assert (await running).status is RunStatus.INTERRUPTED
+    await engine.run_until_idle(session_id="interrupt")
+    assert ran == ["one", "two"]

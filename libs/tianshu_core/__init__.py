@@ -26,6 +26,7 @@ from .engine import (
 )
 from .errors import (
     CaseExistsError,
+    CaseInterruptedError,
     CaseNotFoundError,
     CorruptCheckpointError,
     DuplicateStepError,
@@ -89,6 +90,7 @@ __all__ = [
     "Case",
     "CaseExistsError",
     "CaseFilter",
+    "CaseInterruptedError",
     "CaseNotFoundError",
     "CaseStore",
     "ChildHandle",

@@ -24,6 +24,7 @@ from .clock import Clock, SystemClock
 from .context import CHILDREN_RESOURCE, StoreFailure, Suspend, WorkflowContext
 from .errors import (
     CaseExistsError,
+    CaseInterruptedError,
     CaseNotFoundError,
     ErrorInfo,
     LeaseLostError,
@@ -94,6 +95,7 @@ class RunStatus(enum.StrEnum):
     SKIPPED = "skipped"
     LEASE_LOST = "lease_lost"
     ABANDONED = "abandoned"
+    INTERRUPTED = "interrupted"
 
 
 class TickOutcome(enum.StrEnum):
@@ -261,6 +263,10 @@ class Engine:
         heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
         try:
             result: WorkflowResult | BaseException = await self._execute(ctx)
+        except CaseInterruptedError as exc:
+            log.info("case %s: %s", case.case_key, exc)
+            await self._release_quietly(lease)
+            return RunReport(case.case_key, RunStatus.INTERRUPTED, None, ctx.executed, ctx.replayed)
         except LeaseLostError as exc:
             log.warning("case %s: %s; abandoning this run", case.case_key, exc)
             return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)

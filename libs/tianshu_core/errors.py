@@ -117,6 +117,18 @@ class LeaseLostError(TianshuError):
         self.token = token
 
 
+class CaseInterruptedError(LeaseLostError):
+    """The case was paused or cancelled while it ran: its run stops at this step boundary."""
+
+    code = "case_interrupted"
+
+    def __init__(self, case_key: str, token: int, lifecycle: str) -> None:
+        TianshuError.__init__(self, f"case {case_key!r} is {lifecycle}: its run stops at this step boundary")
+        self.case_key = case_key
+        self.token = token
+        self.lifecycle = lifecycle
+
+
 class CaseNotFoundError(TianshuError):
     """No case has the given key."""
 

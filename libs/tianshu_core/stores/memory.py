@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..clock import Clock, SystemClock
-from ..errors import LeaseLostError
+from ..errors import CaseInterruptedError, LeaseLostError
 from ..models import (
     Case,
     CaseFilter,
@@ -228,6 +228,9 @@ class InMemoryJournalStore:
 
     async def append(self, entry: JournalEntry) -> None:
         self._db.fenced(entry.case_key, entry.token)
+        case = self._db.cases[entry.case_key]
+        if case.lifecycle_state is not Lifecycle.NORMAL:
+            raise CaseInterruptedError(entry.case_key, entry.token, case.lifecycle_state.value)
         seqs = self._db.journal_seqs[entry.case_key]
         if entry.seq in seqs:
             if entry in self._db.journal[entry.case_key]:

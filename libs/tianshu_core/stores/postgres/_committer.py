@@ -26,7 +26,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from ...errors import LeaseLostError, StoreUnavailableError
+from ...errors import CaseInterruptedError, LeaseLostError, StoreUnavailableError
 from ...models import JournalEntry
 from ._backend import Conn, PgBackend
 
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 _INSERT_ONE = """
 INSERT INTO tianshu_journal (case_key, seq, kind, name, data, token, created_at)
 SELECT $1, $2, $3, $4, $5::json, $6, $7
-FROM (SELECT lease_token FROM tianshu_cases WHERE case_key = $1 FOR SHARE) AS c
-WHERE c.lease_token = $6
+FROM (SELECT lease_token, lifecycle FROM tianshu_cases WHERE case_key = $1 FOR SHARE) AS c
+WHERE c.lease_token = $6 AND c.lifecycle = 'normal'
 ON CONFLICT (case_key, seq) DO NOTHING
 RETURNING seq
 """
@@ -45,14 +45,14 @@ WITH u AS (
     SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int8[],
                          $7::timestamptz[]) AS u(case_key, seq, kind, name, data, token, created_at)
 ), locked AS MATERIALIZED (
-    SELECT case_key, lease_token FROM tianshu_cases
+    SELECT case_key, lease_token, lifecycle FROM tianshu_cases
     WHERE case_key = ANY($1::text[])
     ORDER BY case_key
     FOR SHARE
 )
 INSERT INTO tianshu_journal (case_key, seq, kind, name, data, token, created_at)
 SELECT u.case_key, u.seq, u.kind, u.name, u.data::json, u.token, u.created_at
-FROM u JOIN locked l ON l.case_key = u.case_key AND l.lease_token = u.token
+FROM u JOIN locked l ON l.case_key = u.case_key AND l.lease_token = u.token AND l.lifecycle = 'normal'
 ON CONFLICT (case_key, seq) DO NOTHING
 RETURNING case_key, seq
 """
@@ -63,8 +63,11 @@ SELECT j.case_key, j.seq, j.kind, j.name, j.token
 FROM tianshu_journal j
 JOIN unnest($1::text[], $2::int[]) AS m(case_key, seq) ON j.case_key = m.case_key AND j.seq = m.seq
 """
+# Why a case refused a write: another holder (token moved on) or an operator's pause or cancel.
+_CASE_STATUS = "SELECT case_key, lease_token, lifecycle FROM tianshu_cases WHERE case_key = ANY($1::text[])"
 
 _Item = tuple[JournalEntry, "asyncio.Future[None]"]
+_Refusal = tuple[JournalEntry, LeaseLostError]
 
 
 class GroupCommitter:
@@ -102,7 +105,7 @@ class GroupCommitter:
             finally:
                 self._finished()
             if failed:
-                raise LeaseLostError(entry.case_key, entry.token)
+                raise failed[0][1]
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((entry, future))
@@ -159,22 +162,23 @@ class GroupCommitter:
             for item in batch:
                 await self._deliver([item])
             return
-        refused_ids = {id(e) for e in refused}
+        refusals = {id(e): exc for e, exc in refused}
         for entry, future in batch:
             if future.done():  # its caller was cancelled
                 continue
-            if id(entry) in refused_ids:
-                future.set_exception(LeaseLostError(entry.case_key, entry.token))
+            refusal = refusals.get(id(entry))
+            if refusal is not None:
+                future.set_exception(refusal)
             else:
                 future.set_result(None)
 
-    async def _write(self, entries: Sequence[JournalEntry]) -> list[JournalEntry]:
-        """Insert `entries` in one statement (with retries); the entries that were refused."""
+    async def _write(self, entries: Sequence[JournalEntry]) -> list[_Refusal]:
+        """Insert `entries` in one statement (with retries); the entries refused, with why."""
 
         self.statements += 1
         self.entries += len(entries)
 
-        async def op(conn: Conn, _attempt: int) -> list[JournalEntry]:
+        async def op(conn: Conn, _attempt: int) -> list[_Refusal]:
             # Every attempt is the same idempotent statement: rows an earlier attempt committed
             # conflict and are then recognised as ours by `_missing`.
             if len(entries) == 1:
@@ -217,14 +221,22 @@ def _fail(batch: Sequence[_Item], exc: Exception) -> None:
             future.set_exception(exc)
 
 
-async def _missing(conn: Conn, entries: Sequence[JournalEntry]) -> list[JournalEntry]:
+async def _missing(conn: Conn, entries: Sequence[JournalEntry]) -> list[_Refusal]:
     """Of entries the INSERT did not return, those refused (not already stored as our own rows)."""
     rows = await conn.fetch(_EXISTING, [e.case_key for e in entries], [e.seq for e in entries])
     found = {(r["case_key"], r["seq"]): (r["kind"], r["name"], r["token"]) for r in rows}
-    refused = []
-    for e in entries:
-        if found.get((e.case_key, e.seq)) == (e.kind, e.name, e.token):
-            # Our own row from an attempt whose commit reply was lost (e.g. dropped connection).
-            continue
-        refused.append(e)
-    return refused
+    # Our own rows from an attempt whose commit reply was lost (e.g. a dropped connection) are fine.
+    refused = [e for e in entries if found.get((e.case_key, e.seq)) != (e.kind, e.name, e.token)]
+    if not refused:
+        return []
+    status = {
+        r["case_key"]: (r["lease_token"], r["lifecycle"])
+        for r in await conn.fetch(_CASE_STATUS, list({e.case_key for e in refused}))
+    }
+    return [(e, _refusal(e, status.get(e.case_key))) for e in refused]
+
+
+def _refusal(entry: JournalEntry, status: tuple[int, str] | None) -> LeaseLostError:
+    if status is not None and status[0] == entry.token and status[1] != "normal":
+        return CaseInterruptedError(entry.case_key, entry.token, status[1])
+    return LeaseLostError(entry.case_key, entry.token)
