@@ -198,6 +198,7 @@ async def test_a_paused_or_cancelled_case_stops_at_its_next_step_boundary(backen
     reg = WorkflowRegistry()
     ran: list[str] = []
     gate = asyncio.Event()
+    entered = asyncio.Event()
 
     @reg.workflow("long")
     async def long(ctx: WorkflowContext) -> WorkflowResult:
@@ -205,6 +206,7 @@ async def test_a_paused_or_cancelled_case_stops_at_its_next_step_boundary(backen
 
         async def slow() -> None:
             ran.append("two")
+            entered.set()
             await gate.wait()
 
         await ctx.step("two", slow)
@@ -214,8 +216,7 @@ async def test_a_paused_or_cancelled_case_stops_at_its_next_step_boundary(backen
     engine = backend.engine(reg)
     case = await engine.start_case("long", session_id="interrupt")
     running = asyncio.create_task(engine.run_case(case.case_key))
-    while "two" not in ran:
-        await asyncio.sleep(0.01)
+    await entered.wait()
     await engine.pause(case.case_key)
     gate.set()
     assert (await running).status is RunStatus.INTERRUPTED
@@ -227,11 +228,11 @@ async def test_a_paused_or_cancelled_case_stops_at_its_next_step_boundary(backen
     assert (await engine.get_case(case.case_key)).execution_state is ExecutionState.FINISHED
 
     gate.clear()
+    entered.clear()
     ran.clear()
     other = await engine.start_case("long", session_id="interrupt")
     running = asyncio.create_task(engine.run_case(other.case_key))
-    while "two" not in ran:
-        await asyncio.sleep(0.01)
+    await entered.wait()
     await engine.cancel(other.case_key)
     gate.set()
     assert (await running).status is RunStatus.INTERRUPTED
