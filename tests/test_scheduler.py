@@ -238,3 +238,21 @@ async def test_a_paused_or_cancelled_case_stops_at_its_next_step_boundary(backen
     assert (await running).status is RunStatus.INTERRUPTED
     await engine.run_until_idle(session_id="interrupt")
     assert ran == ["one", "two"]
+
+
+async def test_listeners_hear_every_stored_outcome_and_cannot_break_a_run(backend: Backend) -> None:
+    calls: list[str] = []
+    engine = backend.engine(counting_registry(calls))
+    heard: list[tuple[str, str]] = []
+
+    async def listener(case: Case) -> None:
+        heard.append((case.case_key, case.execution_state.value))
+
+    async def broken(case: Case) -> None:
+        raise RuntimeError("listener bug")
+
+    engine.add_listener(broken)
+    engine.add_listener(listener)
+    case = await engine.run_workflow("count")
+    assert heard == [(case.case_key, "finished")]
+    assert (await engine.get_case(case.case_key)).execution_state is ExecutionState.FINISHED

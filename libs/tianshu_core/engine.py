@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -77,6 +77,9 @@ class EngineConfig:
     max_parallel: int = 32
     tick_batch: int = 100
     probe_waiting: bool = False
+
+
+CaseListener = Callable[[Case], Awaitable[None]]
 
 
 class ResourceFetcher(Protocol):
@@ -156,6 +159,18 @@ class Engine:
         self.config = config or EngineConfig()
         self.fetcher = fetcher
         self._shutdown = asyncio.Event()
+        self._listeners: list[CaseListener] = []
+
+    def add_listener(self, listener: CaseListener) -> None:
+        """Call `listener(case)` after every run whose outcome was stored (services notify)."""
+        self._listeners.append(listener)
+
+    async def _notify(self, case: Case) -> None:
+        for listener in self._listeners:
+            try:
+                await listener(case)
+            except Exception:
+                log.exception("case %s: a listener failed", case.case_key)
 
     # -- creating cases -----------------------------------------------------------------------
 
@@ -351,6 +366,8 @@ class Engine:
             case.execution_state = ExecutionState.RUNNING
             status = RunStatus.CONTINUE
         await stores.cases.save(case, lease.token, release=True)
+        if self._listeners:
+            await self._notify(case)
         if isinstance(result, Waiting):
             await self._recheck_waiting(ctx, result)
         elif case.is_terminal and case.parent_key:
