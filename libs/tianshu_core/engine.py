@@ -80,6 +80,7 @@ class EngineConfig:
 
 
 CaseListener = Callable[[Case], Awaitable[None]]
+WakeListener = Callable[[Sequence[str]], None]
 
 
 class ResourceFetcher(Protocol):
@@ -160,6 +161,11 @@ class Engine:
         self.fetcher = fetcher
         self._shutdown = asyncio.Event()
         self._listeners: list[CaseListener] = []
+        self._wake_listeners: list[WakeListener] = []
+
+    def add_wake_listener(self, listener: WakeListener) -> None:
+        """Call `listener(keys)` when cases become runnable (woken by an event, timer or child)."""
+        self._wake_listeners.append(listener)
 
     def add_listener(self, listener: CaseListener) -> None:
         """Call `listener(case)` after every run whose outcome was stored (services notify)."""
@@ -278,6 +284,10 @@ class Engine:
         heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
         try:
             result: WorkflowResult | BaseException = await self._execute(ctx)
+        except asyncio.CancelledError:
+            # Shutting down mid-run: hand the case back at once instead of letting the lease expire.
+            await asyncio.shield(self._release_quietly(lease))
+            raise
         except CaseInterruptedError as exc:
             log.info("case %s: %s", case.case_key, exc)
             await self._release_quietly(lease)
@@ -405,6 +415,9 @@ class Engine:
         woken = await self.stores.cases.mark_runnable(case_keys)
         for key in woken:
             await self.stores.waits.delete_by_case(key)
+        if woken:
+            for listener in self._wake_listeners:
+                listener(woken)
         return woken
 
     # -- events -------------------------------------------------------------------------------
