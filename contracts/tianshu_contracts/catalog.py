@@ -1,0 +1,200 @@
+"""The channels: which message travels on which subject, in which stream, sent or received by whom.
+
+The AsyncAPI document is generated from this table, and `template_of` gives spans and logs a
+low-cardinality name for a concrete subject.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, JsonValue, TypeAdapter
+
+from . import subjects
+from .cases import (
+    CASE_COMMAND_ADAPTER,
+    CASE_FINISHED_ADAPTER,
+    CASE_UPDATED_ADAPTER,
+    GET_CASE_ADAPTER,
+    GET_CASE_REPLY_ADAPTER,
+    START_CASE_ADAPTER,
+    START_CASE_REPLY_ADAPTER,
+    CancelCase,
+    CaseFinished,
+    CaseFound,
+    CaseNotFound,
+    CaseUpdated,
+    GetCase,
+    PauseCase,
+    RequestRefused,
+    ResumeCase,
+    StartCase,
+    StartCaseAccepted,
+)
+from .dead_letters import DEAD_LETTER_ADAPTER, REFUSAL_ADAPTER, DeadLetter, Refusal
+
+EVENT_PAYLOAD_ADAPTER: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
+"""An outside event's body: any JSON (the subject names the resource)."""
+
+_PARAM = re.compile(r"\{([a-z_]+)\}")
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One subject (or subject family) and what travels on it."""
+
+    id: str
+    address: str | None
+    """The subject, with `{param}` for a variable token; None for a request's reply inbox."""
+    description: str
+    messages: tuple[type[BaseModel], ...]
+    """The models it carries; empty for the outside events, whose body is the publisher's JSON."""
+    adapter: TypeAdapter[Any]
+    action: Literal["send", "receive"]
+    """From Tianshu's side: `receive` what clients send it, `send` what it publishes."""
+    stream: str | None = None
+    reply: str | None = None
+    """The id of the channel a request's reply travels on."""
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pattern(self) -> str | None:
+        """The address as a NATS subject pattern (each parameter becomes `*`)."""
+        return None if self.address is None else _PARAM.sub("*", self.address)
+
+
+CHANNELS: tuple[Channel, ...] = (
+    Channel(
+        id="casesStart",
+        address=subjects.CASES_START,
+        description="Start a case, fire and forget. A refusal is dead-lettered and announced on "
+        "tianshu.v1.errors.cases.start.",
+        messages=(StartCase,),
+        adapter=START_CASE_ADAPTER,
+        action="receive",
+        stream=subjects.STREAM_CASES,
+    ),
+    Channel(
+        id="caseCommand",
+        address=f"{subjects.PREFIX}.cases.{{case_key}}.command",
+        description="Cancel, pause or resume a case. The body's case_key must equal the subject's.",
+        messages=(CancelCase, PauseCase, ResumeCase),
+        adapter=CASE_COMMAND_ADAPTER,
+        action="receive",
+        stream=subjects.STREAM_CASES,
+        parameters={"case_key": "The case's key."},
+    ),
+    Channel(
+        id="event",
+        address=f"{subjects.PREFIX}.events.{{resource_type}}.{{resource_id}}",
+        description="An outside event on a resource; the body is the publisher's own JSON, and its "
+        "Nats-Msg-Id header, when set, is the event id (a repeat within the retention is a no-op).",
+        messages=(),
+        adapter=EVENT_PAYLOAD_ADAPTER,
+        action="receive",
+        stream=subjects.STREAM_EVENTS,
+        parameters={
+            "resource_type": "A plain token: A-Z, a-z, 0-9, '_' or '-'.",
+            "resource_id": "The resource id, as tokens.encode_token encodes it.",
+        },
+    ),
+    Channel(
+        id="rpcCasesStart",
+        address=subjects.RPC_CASES_START,
+        description="Start a case and learn its key (request and reply; no stream).",
+        messages=(StartCase,),
+        adapter=START_CASE_ADAPTER,
+        action="receive",
+        reply="rpcCasesStartReply",
+    ),
+    Channel(
+        id="rpcCasesStartReply",
+        address=None,
+        description="The reply to a start request, on the requester's inbox.",
+        messages=(StartCaseAccepted, RequestRefused),
+        adapter=START_CASE_REPLY_ADAPTER,
+        action="send",
+    ),
+    Channel(
+        id="rpcCasesGet",
+        address=subjects.RPC_CASES_GET,
+        description="Read a case (request and reply; no stream).",
+        messages=(GetCase,),
+        adapter=GET_CASE_ADAPTER,
+        action="receive",
+        reply="rpcCasesGetReply",
+    ),
+    Channel(
+        id="rpcCasesGetReply",
+        address=None,
+        description="The reply to a get request, on the requester's inbox.",
+        messages=(CaseFound, CaseNotFound, RequestRefused),
+        adapter=GET_CASE_REPLY_ADAPTER,
+        action="send",
+    ),
+    Channel(
+        id="caseUpdated",
+        address=f"{subjects.PREFIX}.cases.{{case_key}}.updated",
+        description="A case changed state (core NATS, not stored).",
+        messages=(CaseUpdated,),
+        adapter=CASE_UPDATED_ADAPTER,
+        action="send",
+        parameters={"case_key": "The case's key."},
+    ),
+    Channel(
+        id="caseFinished",
+        address=f"{subjects.PREFIX}.cases.{{case_key}}.finished",
+        description="A case ended, failed or was cancelled (core NATS, not stored): subscribe, then "
+        "read the case, to await its output without a race.",
+        messages=(CaseFinished,),
+        adapter=CASE_FINISHED_ADAPTER,
+        action="send",
+        parameters={"case_key": "The case's key."},
+    ),
+    Channel(
+        id="errors",
+        address=f"{subjects.PREFIX}.errors.{{origin}}",
+        description="Why a message was refused (core NATS, not stored). The origin is the refused "
+        "message's subject without its tianshu.v1. prefix, and may span several tokens.",
+        messages=(Refusal,),
+        adapter=REFUSAL_ADAPTER,
+        action="send",
+        parameters={"origin": "The refused message's subject without tianshu.v1. (one or more tokens)."},
+    ),
+    Channel(
+        id="deadLetters",
+        address=f"{subjects.PREFIX}.dlq.{{origin}}",
+        description="Messages that could not be handled, with the reason (kept in TIANSHU_DLQ).",
+        messages=(DeadLetter,),
+        adapter=DEAD_LETTER_ADAPTER,
+        action="send",
+        stream=subjects.STREAM_DLQ,
+        parameters={"origin": "The original subject without tianshu.v1. (one or more tokens)."},
+    ),
+)
+
+MESSAGES: tuple[type[BaseModel], ...] = tuple(dict.fromkeys(m for c in CHANNELS for m in c.messages))
+"""Every message model, once, in channel order."""
+
+_MULTI_TOKEN = {"errors", "deadLetters"}
+
+
+def channel_of(subject: str) -> Channel | None:
+    """The channel a concrete subject belongs to, or None."""
+    for channel in CHANNELS:
+        pattern = channel.pattern
+        if pattern is None:
+            continue
+        if channel.id in _MULTI_TOKEN:
+            pattern = pattern.removesuffix("*") + ">"
+        if subjects.matches(pattern, subject):
+            return channel
+    return None
+
+
+def template_of(subject: str) -> str:
+    """A low-cardinality name for `subject` (its channel's address), for span names and metrics."""
+    channel = channel_of(subject)
+    return channel.address if channel is not None and channel.address is not None else subject

@@ -1,0 +1,67 @@
+"""NATS JetStream helpers for Tianshu's services; the engine's heart never imports this package.
+
+- `connect`: fail fast at start-up (credentials, TLS), reconnect without limit afterwards;
+- `ensure_streams` / `ensure_consumer`: idempotent start-up set-up, NATS 2.9 compatible;
+- `publish`: `Nats-Msg-Id` and W3C trace headers; `publish_core` and `request` for core NATS;
+- `BatchConsumer`: fetch, validate, handle, ack after the handler commits, nak with backoff,
+  dead-letter poison messages with the reason;
+- `Responder`: request/reply in a queue group; `GracefulShutdown`: SIGTERM in bounded time.
+"""
+
+from .connect import connect, redact, tls_context
+from .consumer import Backoff, BatchConsumer, ConsumeOptions, Handler, Outcome
+from .deadletter import DeadLetterSink
+from .delivery import Delivery
+from .errors import NatsStartupError, RejectMessage, StreamConfigError, wire_error
+from .publish import encode, publish, publish_core, request
+from .responder import Responder
+from .settings import NatsSettings
+from .shutdown import GracefulShutdown, Stoppable
+from .streams import (
+    ConsumerSpec,
+    StreamSpec,
+    TianshuStreams,
+    ensure_consumer,
+    ensure_consumers,
+    ensure_stream,
+    ensure_streams,
+    pull_subscription,
+    scheduler_consumers,
+)
+from .tracing import extract, inject
+
+__all__ = [
+    "Backoff",
+    "BatchConsumer",
+    "ConsumeOptions",
+    "ConsumerSpec",
+    "DeadLetterSink",
+    "Delivery",
+    "GracefulShutdown",
+    "Handler",
+    "NatsSettings",
+    "NatsStartupError",
+    "Outcome",
+    "RejectMessage",
+    "Responder",
+    "Stoppable",
+    "StreamConfigError",
+    "StreamSpec",
+    "TianshuStreams",
+    "connect",
+    "encode",
+    "ensure_consumer",
+    "ensure_consumers",
+    "ensure_stream",
+    "ensure_streams",
+    "extract",
+    "inject",
+    "publish",
+    "publish_core",
+    "pull_subscription",
+    "redact",
+    "request",
+    "scheduler_consumers",
+    "tls_context",
+    "wire_error",
+]

@@ -1,0 +1,1 @@
+"""The Tianshu scheduler service: runs cases, starting, waking and resuming them from NATS."""

@@ -1,0 +1,46 @@
+"""`tianshu-scheduler` / `python -m tianshu_scheduler`: run one scheduler replica."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from tianshu_core import TianshuError
+from tianshu_core.bus import NatsSettings
+
+from .loader import load_workflows
+from .service import Scheduler
+from .settings import SchedulerSettings
+
+
+async def _main() -> int:
+    settings = SchedulerSettings()
+    registry = load_workflows(settings.workflow_modules)
+    scheduler = Scheduler(settings, registry, NatsSettings())
+    try:
+        await scheduler.start()
+    except BaseException:
+        await scheduler.close()
+        raise
+    print(f"tianshu-scheduler ready (pid {os.getpid()})", flush=True)
+    clean = await scheduler.serve()
+    return 0 if clean else 3
+
+
+def main() -> int:
+    """Entry point of the `tianshu-scheduler` console script."""
+    logging.basicConfig(
+        level=os.environ.get("TIANSHU_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(_main())
+    except TianshuError as exc:
+        print(f"tianshu-scheduler: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

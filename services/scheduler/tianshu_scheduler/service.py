@@ -1,0 +1,445 @@
+"""The scheduler: the engine's heart driven by NATS messages instead of a tick.
+
+It creates cases (`StartCase`), wakes waiting ones (events), obeys commands, fires due timers,
+takes over cases whose holder died (expired leases), and tells the world when a case changes.
+Every handler commits to Postgres before its message is acknowledged, and is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from pydantic import BaseModel, JsonValue
+
+from tianshu_contracts import (
+    CASE_COMMAND_ADAPTER,
+    EVENT_PAYLOAD_ADAPTER,
+    GET_CASE_ADAPTER,
+    START_CASE_ADAPTER,
+    CancelCase,
+    CaseFinished,
+    CaseFound,
+    CaseNotFound,
+    CaseSummary,
+    CaseUpdated,
+    GetCase,
+    PauseCase,
+    ResumeCase,
+    StartCase,
+    StartCaseAccepted,
+    WireError,
+    subjects,
+)
+from tianshu_core import (
+    Case,
+    Engine,
+    RunStatus,
+    Stores,
+    TianshuError,
+    WorkflowRegistry,
+    connect_postgres,
+)
+from tianshu_core.bus import (
+    BatchConsumer,
+    ConsumeOptions,
+    Delivery,
+    GracefulShutdown,
+    NatsSettings,
+    RejectMessage,
+    Responder,
+    TianshuStreams,
+    connect,
+    ensure_consumers,
+    ensure_streams,
+    publish_core,
+    pull_subscription,
+    scheduler_consumers,
+    wire_error,
+)
+from tianshu_core.bus.shutdown import Stoppable
+
+from .settings import SchedulerSettings
+
+log = logging.getLogger(__name__)
+
+CaseCommandMsg = CancelCase | PauseCase | ResumeCase
+
+
+class Scheduler:
+    """One scheduler replica. `await start()`, then `await serve()` until SIGTERM."""
+
+    def __init__(
+        self, settings: SchedulerSettings, registry: WorkflowRegistry, nats: NatsSettings | None = None
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.nats_settings = nats or NatsSettings()
+        self.stores: Stores | None = None
+        self.engine: Engine | None = None
+        self.nc: Client | None = None
+        self._workers: list[Stoppable] = []
+        self._runs: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self._slots = asyncio.Semaphore(settings.scheduler_max_runs)
+        self._stopping = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.runs_done = 0
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, set up streams and consumers, and start serving; then signal readiness."""
+        s = self.settings
+        self.stores = await connect_postgres(
+            s.database_url, min_size=s.pool_min_size, max_size=s.pool_max_size, migrate=s.migrate_on_start
+        )
+        config = replace(s.engine_config(), owner=f"{s.scheduler_name}-{os.getpid()}")
+        self.engine = engine = Engine(self.stores, self.registry, config=config)
+        engine.add_listener(self._on_case_changed)
+        engine.add_wake_listener(self._on_woken)
+        self.nc = nc = await connect(self.nats_settings, name=f"tianshu-scheduler-{s.scheduler_name}")
+        js = nc.jetstream(timeout=self.nats_settings.request_timeout_s)
+        await ensure_streams(js, TianshuStreams(events_max_age_s=s.event_retention_s).specs())
+        specs = {c.durable: c for c in scheduler_consumers(ack_wait_s=s.scheduler_ack_wait_s)}
+        await ensure_consumers(js, list(specs.values()))
+        options = ConsumeOptions(max_payload_bytes=s.max_event_payload_bytes)
+        # Few starts per fetch, so that replicas share a burst of starts instead of one taking all.
+        start_options = replace(options, batch=8)
+        consumers: list[BatchConsumer[Any]] = [
+            BatchConsumer(
+                nc,
+                await pull_subscription(js, specs[subjects.CONSUMER_START]),
+                START_CASE_ADAPTER,
+                self._handle_start,
+                options=start_options,
+                name="start",
+            ),
+            BatchConsumer(
+                nc,
+                await pull_subscription(js, specs[subjects.CONSUMER_COMMANDS]),
+                CASE_COMMAND_ADAPTER,
+                self._handle_command,
+                options=options,
+                name="commands",
+            ),
+            BatchConsumer(
+                nc,
+                await pull_subscription(js, specs[subjects.CONSUMER_EVENTS]),
+                EVENT_PAYLOAD_ADAPTER,
+                self._handle_event,
+                options=options,
+                name="events",
+            ),
+        ]
+        responders: list[Responder[Any]] = [
+            Responder(
+                nc,
+                subjects.RPC_CASES_START,
+                START_CASE_ADAPTER,
+                self._rpc_start,
+                max_payload_bytes=s.max_event_payload_bytes,
+            ),
+            Responder(nc, subjects.RPC_CASES_GET, GET_CASE_ADAPTER, self._rpc_get),
+        ]
+        for responder in responders:
+            await responder.start()
+        for consumer in consumers:
+            consumer.start()
+        self._workers = [*consumers, *responders]
+        self._sweeper = asyncio.create_task(self._sweep(), name="tianshu-sweeper")
+        if s.scheduler_ready_file:
+            _write_ready(Path(s.scheduler_ready_file))
+        log.info(
+            "scheduler %s ready: %d workflows (%s)",
+            s.scheduler_name,
+            len(self.registry.codes),
+            ", ".join(self.registry.codes),
+        )
+
+    async def serve(self) -> bool:
+        """Serve until SIGTERM or SIGINT, then shut down within the configured time."""
+        assert self.nc is not None
+        shutdown = GracefulShutdown(
+            self.nc, [*self._workers, _RunsWorker(self)], timeout_s=self.settings.scheduler_shutdown_timeout_s
+        )
+        shutdown.install()
+        await shutdown.wait()
+        clean = await shutdown.run()
+        await self.close()
+        return clean
+
+    async def close(self) -> None:
+        self._stopping.set()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        if self.stores is not None:
+            await self.stores.close()
+        if self.settings.scheduler_ready_file:
+            _clear_ready(Path(self.settings.scheduler_ready_file))
+
+    # -- running cases ------------------------------------------------------------------------
+
+    def schedule(self, case_key: str) -> None:
+        """Run the case here soon; if it is running here already, run it once more after."""
+        if self._stopping.is_set():
+            return
+        if case_key in self._runs:
+            self._again.add(case_key)
+            return
+        self._runs[case_key] = asyncio.create_task(self._run(case_key), name=f"tianshu-case-{case_key}")
+
+    def _on_woken(self, case_keys: Sequence[str]) -> None:
+        for key in case_keys:
+            self.schedule(key)
+
+    async def _run(self, case_key: str) -> None:
+        engine = self.engine
+        assert engine is not None
+        try:
+            async with self._slots:
+                while not self._stopping.is_set():
+                    self._again.discard(case_key)
+                    report = await engine.run_case(case_key)
+                    self.runs_done += report.status is not RunStatus.SKIPPED
+                    if report.status is RunStatus.CONTINUE or case_key in self._again:
+                        continue
+                    break
+        except Exception:
+            # A store outage or a bug: the case keeps its state; the sweeper retries it later.
+            log.exception("case %s: run failed", case_key)
+        finally:
+            self._runs.pop(case_key, None)
+
+    async def _sweep(self) -> None:
+        """Fire due timers and adopt runnable cases nobody holds (their holder died)."""
+        engine, stores = self.engine, self.stores
+        assert engine is not None and stores is not None
+        interval = self.settings.scheduler_sweep_interval_s
+        while not self._stopping.is_set():
+            try:
+                await engine.fire_due_timers()
+                free = self.settings.scheduler_max_runs - len(self._runs)
+                if free > 0:
+                    for key in await stores.cases.runnable(limit=free):
+                        if key not in self._runs:
+                            self.schedule(key)
+            except Exception:
+                log.exception("sweep failed; retrying in %.1fs", interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def _drain_runs(self, timeout_s: float) -> bool:
+        """Shutdown: let in-flight runs finish within `timeout_s`, then cancel them (they release
+        their leases, so another replica takes over at once)."""
+        self._stopping.set()
+        tasks = set(self._runs.values())
+        if not tasks:
+            return True
+        _, late = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=2.0)
+            log.warning("released %d cases still running at shutdown", len(late))
+        return not late
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    async def _start(self, msg: StartCase, msg_id: str | None) -> tuple[Case, bool]:
+        engine = self.engine
+        assert engine is not None
+        if msg.workflow_code not in self.registry:
+            raise RejectMessage(
+                wire_error(
+                    f"unknown workflow code {msg.workflow_code!r}; this scheduler runs: "
+                    f"{', '.join(self.registry.codes) or 'nothing (set TIANSHU_WORKFLOWS)'}",
+                    code="unknown_workflow",
+                ),
+                case_key=msg.case_key,
+            )
+        key = msg.case_key or (_key_from_msg_id(msg_id) if msg_id else None)
+        try:
+            existed = key is not None and await engine.stores.cases.get_by_key(key) is not None
+            case = await engine.start_case(
+                msg.workflow_code, msg.input, case_key=key, session_id=msg.session_id
+            )
+        except TianshuError as exc:
+            if exc.retryable:
+                raise
+            raise RejectMessage(exc, case_key=key) from exc
+        self.schedule(case.case_key)
+        return case, not existed
+
+    async def _handle_start(self, msg: StartCase, delivery: Delivery) -> None:
+        await self._start(msg, delivery.msg_id or _stream_msg_id(delivery))
+
+    async def _rpc_start(self, msg: StartCase, request: Msg) -> BaseModel:
+        headers = request.headers or {}
+        case, created = await self._start(msg, headers.get(subjects.HEADER_MSG_ID))
+        return StartCaseAccepted(
+            case_key=case.case_key,
+            session_id=case.session_id,
+            workflow_code=case.workflow_code,
+            created=created,
+        )
+
+    async def _rpc_get(self, msg: GetCase, _request: Msg) -> BaseModel:
+        engine = self.engine
+        assert engine is not None
+        case = await engine.stores.cases.get_by_key(msg.case_key)
+        if case is None:
+            return CaseNotFound(case_key=msg.case_key)
+        return CaseFound(case=summary(case))
+
+    async def _handle_event(self, payload: JsonValue, delivery: Delivery) -> None:
+        engine = self.engine
+        assert engine is not None
+        try:
+            resource_type, resource_id = subjects.parse_event(delivery.subject)
+        except ValueError as exc:
+            raise RejectMessage(wire_error(str(exc), code="bad_subject")) from exc
+        # Without a Nats-Msg-Id, the stream sequence still makes a redelivery a no-op.
+        event_id = delivery.msg_id or _stream_msg_id(delivery)
+        try:
+            await engine.publish_event(resource_type, resource_id, payload, event_id=event_id)
+        except TianshuError as exc:
+            if exc.retryable:
+                raise
+            raise RejectMessage(exc) from exc
+
+    async def _handle_command(self, msg: CaseCommandMsg, delivery: Delivery) -> None:
+        engine = self.engine
+        assert engine is not None
+        if subjects.case_key_of(delivery.subject) != msg.case_key:
+            raise RejectMessage(
+                wire_error(
+                    f"command for case {msg.case_key!r} sent on {delivery.subject!r}", code="subject_mismatch"
+                )
+            )
+        if isinstance(msg, CancelCase):
+            found = await engine.cancel(msg.case_key)
+        elif isinstance(msg, PauseCase):
+            found = await engine.pause(msg.case_key)
+        else:
+            found = await engine.resume(msg.case_key)
+        if not found:
+            raise RejectMessage(
+                wire_error(f"no case with key {msg.case_key!r}", code="case_not_found"), case_key=msg.case_key
+            )
+        case = await engine.get_case(msg.case_key)
+        await self._on_case_changed(case)
+        if isinstance(msg, ResumeCase):
+            self.schedule(msg.case_key)
+
+    # -- notifications ------------------------------------------------------------------------
+
+    async def _on_case_changed(self, case: Case) -> None:
+        nc = self.nc
+        if nc is None or nc.is_closed:
+            return
+        await publish_core(
+            nc,
+            subjects.case_updated(case.case_key),
+            CaseUpdated(
+                case_key=case.case_key,
+                session_id=case.session_id,
+                workflow_code=case.workflow_code,
+                execution_state=case.execution_state.value,
+                lifecycle_state=case.lifecycle_state.value,
+                updated_at=case.updated_at,
+            ),
+        )
+        if case.is_terminal or case.lifecycle_state.value == "stop":
+            await publish_core(nc, subjects.case_finished(case.case_key), finished(case))
+
+
+class _RunsWorker:
+    """Lets GracefulShutdown wait for the scheduler's in-flight runs like for any worker."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def stop(self) -> None:
+        self._scheduler._stopping.set()
+
+    async def shutdown(self, timeout_s: float) -> bool:
+        return await self._scheduler._drain_runs(timeout_s)
+
+
+def _write_ready(path: Path) -> None:
+    path.write_text(f"{os.getpid()}\n")
+
+
+def _clear_ready(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _key_from_msg_id(msg_id: str) -> str:
+    """A case key derived from a message id: a repeated StartCase with that id starts nothing new."""
+    return "m-" + hashlib.sha256(msg_id.encode()).hexdigest()[:32]
+
+
+def _stream_msg_id(delivery: Delivery) -> str | None:
+    if delivery.stream is None or delivery.stream_seq is None:
+        return None
+    return f"{delivery.stream}:{delivery.stream_seq}"
+
+
+def _wire_error(case: Case) -> WireError | None:
+    if case.error is None:
+        return None
+    return WireError(
+        type=case.error.type, message=case.error.message, code=case.error.code, retryable=case.error.retryable
+    )
+
+
+def summary(case: Case) -> CaseSummary:
+    """A case as it crosses the wire."""
+    return CaseSummary(
+        case_key=case.case_key,
+        session_id=case.session_id,
+        workflow_code=case.workflow_code,
+        execution_state=case.execution_state.value,
+        lifecycle_state=case.lifecycle_state.value,
+        parent_key=case.parent_key,
+        child_keys=list(case.child_keys),
+        input=case.resource_data,
+        finished_type=case.finished_type,
+        finished_description=case.finished_description,
+        output=case.output,
+        error=_wire_error(case),
+        created_at=case.created_at,
+        updated_at=case.updated_at,
+    )
+
+
+def finished(case: Case) -> CaseFinished:
+    """The `CaseFinished` notification of a case that ended, failed or was cancelled."""
+    return CaseFinished(
+        case_key=case.case_key,
+        session_id=case.session_id,
+        workflow_code=case.workflow_code,
+        execution_state=case.execution_state.value,
+        lifecycle_state=case.lifecycle_state.value,
+        finished_type=case.finished_type,
+        description=case.finished_description,
+        output=case.output,
+        error=_wire_error(case),
+        finished_at=case.updated_at if case.updated_at.tzinfo else case.updated_at.replace(tzinfo=UTC),
+    )

@@ -1,0 +1,36 @@
+"""The scheduler's settings, from the environment (prefix `TIANSHU_`)."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field
+
+from tianshu_core.settings import Settings
+
+
+class SchedulerSettings(Settings):
+    """Core settings (database, limits, retention) plus the scheduler's own."""
+
+    workflows: str = Field(
+        default="",
+        description="Comma-separated import paths of the modules that define your workflows.",
+    )
+    scheduler_name: str = Field(default_factory=socket.gethostname, description="Shown in logs and leases.")
+    scheduler_ready_file: str | None = Field(
+        default=None, description="Touched once the scheduler serves; removed when it stops."
+    )
+    scheduler_max_runs: int = Field(default=64, ge=1, description="Cases run at once by this replica.")
+    scheduler_sweep_interval_s: float = Field(
+        default=0.5, gt=0, description="How often to look for due timers and cases whose holder died."
+    )
+    scheduler_shutdown_timeout_s: float = Field(
+        default=20.0, gt=0, description="SIGTERM: how long in-flight work may take before it is released."
+    )
+    scheduler_ack_wait_s: float = Field(
+        default=30.0, gt=0, description="Ack wait of its JetStream consumers."
+    )
+
+    @property
+    def workflow_modules(self) -> list[str]:
+        return [m.strip() for m in self.workflows.split(",") if m.strip()]

@@ -1,0 +1,89 @@
+"""Workflows the end-to-end tests run in real scheduler processes (TIANSHU_WORKFLOWS=tests.e2e_workflows).
+
+Side effects are appended to files under $TIANSHU_TEST_EFFECTS (one line per execution), so a test
+can count how often each step body ran across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tianshu_core import SpawnConfig, WaitTimeoutError, WorkflowContext, WorkflowRegistry, WorkflowResult
+
+registry = WorkflowRegistry()
+
+
+def effect(ctx: WorkflowContext, what: str) -> str:
+    """Record one execution of a step body; the line names the case, the step and this process."""
+    folder = Path(os.environ.get("TIANSHU_TEST_EFFECTS", "/tmp/tianshu-effects"))
+    folder.mkdir(parents=True, exist_ok=True)
+    line = f"{ctx.case.case_key} {what} {os.getpid()} {time.time():.6f}\n"
+    fd = os.open(folder / "effects.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    return what
+
+
+@registry.workflow("e2e_steps")
+async def steps(ctx: WorkflowContext) -> WorkflowResult:
+    """N steps, each sleeping `delay_s` (so a test can kill the process mid-run)."""
+    n = int((ctx.case.resource_data or {}).get("steps", 10))
+    delay = float((ctx.case.resource_data or {}).get("delay_s", 0.0))
+    for i in range(n):
+
+        async def body(i: int = i) -> str:
+            if delay:
+                await asyncio.sleep(delay)
+            return effect(ctx, f"s{i}")
+
+        await ctx.step(f"s{i}", body)
+    return await ctx.finish("done", output={"steps": n})
+
+
+@registry.workflow("e2e_wait")
+async def wait(ctx: WorkflowContext) -> WorkflowResult:
+    """Wait for one event on ("order", input.resource or the case key), then one more step."""
+    resource = (ctx.case.resource_data or {}).get("resource") or ctx.case.case_key
+    await ctx.step("before", lambda: effect(ctx, "before"))
+    payload: Any = await ctx.wait_for_event("order", resource)
+    await ctx.step("after", lambda: effect(ctx, "after"))
+    return await ctx.finish("done", output=payload)
+
+
+@registry.workflow("e2e_sleep")
+async def sleep(ctx: WorkflowContext) -> WorkflowResult:
+    await ctx.step("before", lambda: effect(ctx, "before"))
+    await ctx.sleep(float(ctx.case.resource_data["seconds"]))
+    await ctx.step("after", lambda: effect(ctx, "after"))
+    return await ctx.finish("done")
+
+
+@registry.workflow("e2e_timeout")
+async def timeout(ctx: WorkflowContext) -> WorkflowResult:
+    try:
+        payload: Any = await ctx.wait_for_event(
+            "reply", ctx.case.case_key, timeout=float(ctx.case.resource_data["seconds"])
+        )
+    except WaitTimeoutError:
+        return await ctx.finish("timed_out")
+    return await ctx.finish("answered", output=payload)
+
+
+@registry.workflow("e2e_child")
+async def child(ctx: WorkflowContext) -> WorkflowResult:
+    value = await ctx.step("work", lambda: effect(ctx, f"child-{ctx.case.resource_data['n']}"))
+    return await ctx.finish("done", output={"n": ctx.case.resource_data["n"], "did": value})
+
+
+@registry.workflow("e2e_parent")
+async def parent(ctx: WorkflowContext) -> WorkflowResult:
+    n = int(ctx.case.resource_data["children"])
+    handles = await ctx.spawn_children([SpawnConfig("e2e_child", {"n": i}) for i in range(n)])
+    outcomes = await ctx.await_children(handles)
+    return await ctx.finish("done", output=[o.output for o in outcomes])
