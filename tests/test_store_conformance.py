@@ -607,3 +607,39 @@ async def test_case_delete_purges_everything(stores: Stores) -> None:
     assert len(await stores.state.get_all(keep.case_key)) == 1
     # The key can be used again.
     assert await stores.cases.insert(case) is True
+
+
+async def test_publish_and_wake_moves_waiting_cases_and_drops_their_waits(stores: Stores) -> None:
+    resource = uid("res")
+    pred = PollPredicate(resource_type="order", resource_id=resource, step_name="w")
+    waiting = make_case(execution_state=ExecutionState.WAITING)
+    running = make_case(execution_state=ExecutionState.RUNNING)
+    for case in (waiting, running):
+        await stores.cases.insert(case)
+        await stores.waits.replace(case.case_key, [pred])
+    event, new, woken = await stores.events.publish_and_wake(
+        "order", resource, {"n": 1}, event_id="e1", published_at=NOW, dedupe_since=NOW - timedelta(days=1)
+    )
+    assert (new, woken, event.payload) == (True, [waiting.case_key], {"n": 1})
+    moved = await stores.cases.get_by_key(waiting.case_key)
+    assert moved is not None and moved.execution_state is ExecutionState.RUNNING
+    assert await stores.waits.for_case(waiting.case_key) == []
+    assert await stores.waits.for_case(running.case_key) == [pred]
+    again = await stores.events.publish_and_wake(
+        "order", resource, {"n": 1}, event_id="e1", published_at=NOW, dedupe_since=NOW - timedelta(days=1)
+    )
+    assert again[1:] == (False, [])
+
+
+async def test_journal_append_many_is_all_durable_and_fenced_per_entry(stores: Stores) -> None:
+    case = make_case()
+    lease = await stores.leases.create_leased(case, "me", 30)
+    assert lease is not None
+    await stores.journal.append_many(
+        [entry(case.case_key, 1, lease.token), entry(case.case_key, 2, lease.token)]
+    )
+    with pytest.raises(LeaseLostError):
+        await stores.journal.append_many(
+            [entry(case.case_key, 3, lease.token), entry(case.case_key, 4, lease.token + 5)]
+        )
+    assert [e.seq for e in await stores.journal.load(case.case_key)] == [1, 2, 3]

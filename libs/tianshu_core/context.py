@@ -172,6 +172,7 @@ class WorkflowContext:
         self._used: set[str] = set()
         self._auto: dict[str, int] = defaultdict(int)
         self._stage_prefix = ""
+        self._deferred: list[JournalEntry] = []
         self.executed: list[str] = []
         self.replayed: list[str] = []
 
@@ -189,7 +190,7 @@ class WorkflowContext:
         self._used.add(name)
         return self._journal.records.get((name, self._generation[name]))
 
-    async def _append(self, kind: JournalKind, name: str, data: str) -> JournalEntry:
+    def _entry(self, kind: JournalKind, name: str, data: str) -> JournalEntry:
         journal = self._journal
         entry = JournalEntry(
             self.case.case_key,
@@ -201,10 +202,29 @@ class WorkflowContext:
             self._run.clock.now(),
         )
         journal.next_seq += 1
-        await _guard(self._run.stores.journal.append(entry))
         if kind != JournalKind.STATE and kind != JournalKind.CLEAR:
             journal.records[(name, self._generation[name])] = entry
         return entry
+
+    async def _append(self, kind: JournalKind, name: str, data: str) -> JournalEntry:
+        entry = self._entry(kind, name, data)
+        if self._deferred:
+            batch, self._deferred = [*self._deferred, entry], []
+            await _guard(self._run.stores.journal.append_many(batch))
+        else:
+            await _guard(self._run.stores.journal.append(entry))
+        return entry
+
+    def _defer(self, kind: JournalKind, name: str, data: str) -> None:
+        """Record an entry that replay can re-derive (a consumed event: the same one is found
+        again), so it may ride on the next write's commit instead of paying for its own."""
+        self._deferred.append(self._entry(kind, name, data))
+
+    async def flush(self) -> None:
+        """Make deferred entries durable (the engine calls this before storing an outcome)."""
+        if self._deferred:
+            batch, self._deferred = self._deferred, []
+            await _guard(self._run.stores.journal.append_many(batch))
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -336,7 +356,7 @@ class WorkflowContext:
             "event_id": event.event_id,
             "payload": event.payload,
         }
-        await self._append(JournalKind.EVENT, name, serde.dumps(record))
+        self._defer(JournalKind.EVENT, name, serde.dumps(record))
         self._journal.cursors[key] = event.seq
         return event.payload
 

@@ -342,6 +342,7 @@ class Engine:
         self, ctx: WorkflowContext, lease: Lease, result: WorkflowResult | BaseException
     ) -> RunStatus:
         case, stores, now = ctx.case, self.stores, self.clock.now()
+        await ctx.flush()
         if ctx.replayed:
             await ctx._append(  # a record of what this run replayed, for inspection
                 JournalKind.REPLAY,
@@ -438,7 +439,7 @@ class Engine:
         now = self.clock.now()
 
         async def publish() -> PublishResult:
-            event, new = await self.stores.events.publish(
+            event, new, woken = await self.stores.events.publish_and_wake(
                 resource_type,
                 resource_id,
                 payload,
@@ -446,11 +447,9 @@ class Engine:
                 published_at=now,
                 dedupe_since=now - self.config.event_retention,
             )
-            woken: list[str] = []
-            if new:
-                waiting = await self.stores.waits.cases_waiting_on(resource_type, resource_id)
-                if waiting:
-                    woken = await self._wake(waiting)
+            if woken:
+                for listener in self._wake_listeners:
+                    listener(woken)
             return PublishResult(event, new, woken)
 
         return await in_span(

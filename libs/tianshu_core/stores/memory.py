@@ -241,7 +241,17 @@ class InMemoryJournalStore:
         # Yield like a real store would, so concurrency bugs show up in memory too.
         await asyncio.sleep(0)
 
-    async def load(self, case_key: str) -> list[JournalEntry]:
+    async def append_many(self, entries: Sequence[JournalEntry]) -> None:
+        failure: BaseException | None = None
+        for entry in entries:
+            try:
+                await self.append(entry)
+            except LeaseLostError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    async def load(self, case_key: str) -> builtins.list[JournalEntry]:
         return sorted(self._db.journal.get(case_key, ()), key=lambda e: e.seq)
 
     async def delete_by_case(self, case_key: str) -> None:
@@ -342,6 +352,42 @@ class InMemoryEventStore:
         event = Event(next(self._db.event_seq), resource_type, resource_id, payload, event_id, published_at)
         self._db.events.append(event)
         return event, True
+
+    async def publish_and_wake(
+        self,
+        resource_type: str,
+        resource_id: str,
+        payload: Any,
+        *,
+        event_id: str | None,
+        published_at: datetime,
+        dedupe_since: datetime,
+    ) -> tuple[Event, bool, builtins.list[str]]:
+        event, new = await self.publish(
+            resource_type,
+            resource_id,
+            payload,
+            event_id=event_id,
+            published_at=published_at,
+            dedupe_since=dedupe_since,
+        )
+        if not new:
+            return event, False, []
+        db = self._db
+        waiting = sorted(
+            key
+            for key, preds in db.waits.items()
+            if any(p.resource_type == resource_type and p.resource_id == resource_id for p in preds)
+        )
+        woken = []
+        for key in waiting:
+            case = db.cases.get(key)
+            if case is not None and case.execution_state is ExecutionState.WAITING:
+                case.execution_state = ExecutionState.RUNNING
+                case.updated_at = db.clock.now()
+                db.waits.pop(key, None)
+                woken.append(key)
+        return event, True, woken
 
     async def next_after(
         self, resource_type: str, resource_id: str, *, after_seq: int, not_before: datetime

@@ -93,6 +93,11 @@ class JournalStore(Protocol):
         """Durable on return; refused with LeaseLostError when `entry.token` is stale."""
         ...
 
+    async def append_many(self, entries: Sequence[JournalEntry]) -> None:
+        """Like `append` for several entries (one commit where the backend can); each is judged
+        on its own and the first refusal is raised."""
+        ...
+
     async def load(self, case_key: str) -> list[JournalEntry]: ...
     async def delete_by_case(self, case_key: str) -> None: ...
 
@@ -135,6 +140,20 @@ class EventStore(Protocol):
         dedupe_since: datetime,
     ) -> tuple[Event, bool]:
         """Store the event; with an id seen since `dedupe_since`, return that one and False."""
+        ...
+
+    async def publish_and_wake(
+        self,
+        resource_type: str,
+        resource_id: str,
+        payload: Any,
+        *,
+        event_id: str | None,
+        published_at: datetime,
+        dedupe_since: datetime,
+    ) -> tuple[Event, bool, builtins.list[str]]:
+        """`publish`, then, if the event is new, move the cases waiting on its resource to
+        running and drop their waits: the keys woken. One round trip where the backend can."""
         ...
 
     async def next_after(

@@ -231,14 +231,18 @@ class Scheduler:
         engine, stores = self.engine, self.stores
         assert engine is not None and stores is not None
         interval = self.settings.scheduler_sweep_interval_s
+        seen: set[str] = set()
         while not self._stopping.is_set():
             try:
                 await engine.fire_due_timers()
                 free = self.settings.scheduler_max_runs - len(self._runs)
-                if free > 0:
-                    for key in await stores.cases.runnable(limit=free):
-                        if key not in self._runs:
-                            self.schedule(key)
+                found = set(await stores.cases.runnable(limit=free)) if free > 0 else set()
+                # Adopt a case only when it was runnable and unleased at the last sweep too: one
+                # that was just started or woken is about to be run by whoever did that.
+                for key in found & seen:
+                    if key not in self._runs:
+                        self.schedule(key)
+                seen = found
             except Exception:
                 log.exception("sweep failed; retrying in %.1fs", interval)
             with contextlib.suppress(TimeoutError):

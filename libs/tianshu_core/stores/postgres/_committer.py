@@ -112,6 +112,33 @@ class GroupCommitter:
         self._kick()
         await future
 
+    async def append_many(self, entries: Sequence[JournalEntry]) -> None:
+        """Append several entries together: one statement when the committer is idle. Each entry
+        is judged on its own; the first refusal is raised once all are settled."""
+        if len(entries) == 1:
+            return await self.append(entries[0])
+        if self._closed:
+            raise StoreUnavailableError("the journal store is closed")
+        if self._in_flight == 0 and not self._pending and not self._just_flushed:
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                failed = await self._write(entries)
+            finally:
+                self._finished()
+            if failed:
+                raise failed[0][1]
+            return None
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in entries]
+        self._pending.extend(zip(entries, futures, strict=True))
+        self._kick()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return None
+
     def _kick(self) -> None:
         """Schedule a flush if one is needed and a slot is free."""
         if self._pending and not self._scheduled and self._in_flight < self._max_flushes:

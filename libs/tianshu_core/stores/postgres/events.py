@@ -64,6 +64,43 @@ class PostgresEventStore:
 
         return await self._db.run("event publish", op, idempotent=event_id is not None)
 
+    async def publish_and_wake(
+        self,
+        resource_type: str,
+        resource_id: str,
+        payload: Any,
+        *,
+        event_id: str | None,
+        published_at: datetime,
+        dedupe_since: datetime,
+    ) -> tuple[Event, bool, list[str]]:
+        """`publish` and wake the resource's waiting cases: one call of `tianshu_publish_and_wake`
+        (migration 0002), one commit. Retried like `publish`; a retry after a commit whose reply
+        was lost reports no woken keys, and the scheduler's sweep picks those cases up instead."""
+        text = dump(payload)
+
+        async def op(conn: Conn, attempt: int) -> tuple[Event, bool, list[str]]:
+            row = await conn.fetchrow(
+                "SELECT out_seq, out_payload::text, out_published_at, out_created, out_woken "
+                "FROM tianshu_publish_and_wake($1, $2, $3::jsonb, $4, $5, $6)",
+                resource_type,
+                resource_id,
+                text,
+                event_id,
+                published_at,
+                dedupe_since,
+            )
+            if row is None:  # the function always returns one row
+                raise RuntimeError("tianshu_publish_and_wake returned no row")
+            stored = load(row[1])
+            created: bool = row[3]
+            if not created and attempt > 1 and row[2] == published_at and stored == load(text):
+                created = True  # our own first attempt committed; its reply was lost
+            event = Event(row[0], resource_type, resource_id, stored, event_id, row[2])
+            return event, created, list(row[4] or [])
+
+        return await self._db.run("event publish_and_wake", op, idempotent=event_id is not None)
+
     async def next_after(
         self, resource_type: str, resource_id: str, *, after_seq: int, not_before: datetime
     ) -> Event | None:

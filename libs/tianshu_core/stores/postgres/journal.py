@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ...models import JournalEntry
 from ._backend import PgBackend
 from ._committer import GroupCommitter
@@ -30,6 +32,10 @@ class PostgresJournalStore:
         Like any write, an append whose caller is cancelled may or may not have been stored.
         """
         await self._committer.append(entry)
+
+    async def append_many(self, entries: Sequence[JournalEntry]) -> None:
+        """Several entries of one case, in seq order, in one statement where possible."""
+        await self._committer.append_many(entries)
 
     async def load(self, case_key: str) -> list[JournalEntry]:
         """The case's entries ordered by seq, `data` as the JSON text that was appended."""

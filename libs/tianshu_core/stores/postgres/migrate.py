@@ -16,6 +16,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ...errors import MigrationError
+from ._backend import connect as _connect_with_tls
 from ._retry import RetryConfig, call_with_retry, is_transient
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ async def _connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
     """A dedicated connection (the session advisory lock must not go back to a pool)."""
 
     async def attempt(_number: int) -> asyncpg.Connection[asyncpg.Record]:
-        return await asyncpg.connect(dsn, server_settings={"application_name": "tianshu-migrate"})
+        # The same TLS rules as the pool (certificates verified whenever the URL asks for TLS).
+        return await _connect_with_tls(dsn, server_settings={"application_name": "tianshu-migrate"})
 
     return await call_with_retry(RetryConfig(), "postgres connect (migrations)", attempt, is_transient)
 
