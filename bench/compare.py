@@ -1,4 +1,4 @@
-"""Sets tianshu's B1 beside the anchors measured in the same run: the ratios and their targets.
+"""Sets tianshu's B1 and B2 beside the anchors measured in the same run: the ratios and their targets.
 
 Usage: python bench/compare.py RESULTS      (RESULTS: the lines the systems printed, one each)
 Prints 'ratios tianshu/dbos=…x tianshu/langgraph=…x seq_p50/asyncpg_commit_p50=…x', then one
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 REQUIRED: dict[str, tuple[str, ...]] = {
-    "tianshu": ("b1_steps_per_s", "b1_seq_step_p50_ms"),
-    "dbos": ("steps_per_s",),
+    "tianshu": ("b1_steps_per_s", "b1_seq_step_p50_ms", "b2_wake_p50_ms", "b2_wake_p99_ms"),
+    "dbos": ("steps_per_s", "wake_p50_ms", "wake_p99_ms"),
     "langgraph": ("steps_per_s",),
     "asyncpg": ("commit_p50_ms", "commits_per_s"),
 }
@@ -24,6 +24,8 @@ TARGETS: list[tuple[str, str, float]] = [
     ("tianshu/dbos", ">=", 30.0),
     ("tianshu/langgraph", ">=", 12.0),
     ("seq_p50/asyncpg_commit_p50", "<=", 1.5),
+    ("b2_wake_p50/dbos_wake_p50", "<=", 0.5),
+    ("b2_wake_p99/dbos_wake_p99", "<=", 1.0),
 ]
 COMPARE: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
 
@@ -35,14 +37,13 @@ def parse(text: str) -> dict[str, dict[str, float]]:
         system, _, rest = line.strip().partition(" ")
         if system not in REQUIRED:
             continue
-        figures: dict[str, float] = {}
+        figures = found.setdefault(system, {})  # a system may print several lines (B1, B2)
         for pair in rest.split():
             key, sep, value = pair.partition("=")
             try:
                 figures[key] = float(value) if sep else float("nan")
             except ValueError:
                 continue
-        found[system] = figures
     return found
 
 
@@ -65,6 +66,8 @@ def ratios(found: dict[str, dict[str, float]]) -> dict[str, float]:
         "tianshu/dbos": t["b1_steps_per_s"] / found["dbos"]["steps_per_s"],
         "tianshu/langgraph": t["b1_steps_per_s"] / found["langgraph"]["steps_per_s"],
         "seq_p50/asyncpg_commit_p50": t["b1_seq_step_p50_ms"] / found["asyncpg"]["commit_p50_ms"],
+        "b2_wake_p50/dbos_wake_p50": t["b2_wake_p50_ms"] / found["dbos"]["wake_p50_ms"],
+        "b2_wake_p99/dbos_wake_p99": t["b2_wake_p99_ms"] / found["dbos"]["wake_p99_ms"],
     }
 
 
