@@ -278,7 +278,13 @@ class Engine:
 
     async def _run_traced(self, lease: Lease, fresh: bool) -> RunReport:
         case, stores = lease.case, self.stores
-        entries: Sequence[JournalEntry] = () if fresh else await stores.journal.load(case.case_key)
+        entries: Sequence[JournalEntry]
+        if fresh:
+            entries = ()
+        elif lease.journal is not None:
+            entries = lease.journal
+        else:
+            entries = await stores.journal.load(case.case_key)
         run = CaseRun(case, lease.token, stores, self.registry, self.clock, self.config)
         ctx = WorkflowContext(run, entries)
         heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)

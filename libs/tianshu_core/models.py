@@ -149,6 +149,8 @@ class Lease:
     owner: str
     token: int
     case: Case = field(compare=False)
+    journal: list[JournalEntry] | None = field(default=None, compare=False)
+    """The case's journal as of the acquisition, when the store read it in the same trip."""
 
 
 @dataclass(slots=True, frozen=True)

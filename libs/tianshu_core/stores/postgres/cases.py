@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...errors import LeaseLostError
-from ...models import Case, CaseFilter, ExecutionState, Lease, Lifecycle
+from ...models import Case, CaseFilter, ExecutionState, JournalEntry, Lease, Lifecycle
 from ._backend import Conn, PgBackend
 from ._codec import CASE_COLUMNS, CASE_SET, CASE_VALUES, case_args, case_from_row
 
@@ -38,13 +38,9 @@ WHERE execution_state = $1 AND lifecycle = 'normal' AND {_FREE}
 ORDER BY created_at, case_key
 LIMIT $2
 """
-_ACQUIRE = f"""
-UPDATE tianshu_cases
-SET lease_token = lease_token + 1, lease_owner = $2,
-    lease_expires_at = now() + $3::float8 * interval '1 second'
-WHERE case_key = $1 AND {_FREE}
-RETURNING *
-"""
+_ACQUIRE_WITH_JOURNAL = (
+    "SELECT c, j_seq, j_kind, j_name, j_data, j_token, j_created FROM tianshu_acquire($1, $2, $3)"
+)
 _CREATE_LEASED = f"""
 INSERT INTO tianshu_cases ({CASE_COLUMNS}, lease_owner, lease_token, lease_expires_at)
 VALUES ({CASE_VALUES}, $17, 1, now() + $18::float8 * interval '1 second')
@@ -209,11 +205,30 @@ class PostgresLeaseStore:
         self._db = db
 
     async def acquire(self, case_key: str, owner: str, ttl: float) -> Lease | None:
-        """Take the case if its lease is free or expired; None when held or missing."""
-        row = await self._db.fetchrow("lease acquire", _ACQUIRE, case_key, owner, float(ttl))
+        """Take the case if its lease is free or expired; None when held or missing. The lease
+        carries the case's journal, read in the same round trip (`tianshu_acquire`, migration 0003)."""
+        row = await self._db.fetchrow("lease acquire", _ACQUIRE_WITH_JOURNAL, case_key, owner, float(ttl))
         if row is None:
             return None
-        return Lease(case_key, owner, row["lease_token"], case_from_row(row))
+        case_row = row["c"]
+        seqs = row["j_seq"] or []
+        journal = (
+            [
+                JournalEntry(case_key, seq, kind, name, data, token, created)
+                for seq, kind, name, data, token, created in zip(
+                    seqs,
+                    row["j_kind"],
+                    row["j_name"],
+                    row["j_data"],
+                    row["j_token"],
+                    row["j_created"],
+                    strict=True,
+                )
+            ]
+            if seqs
+            else []
+        )
+        return Lease(case_key, owner, case_row["lease_token"], case_from_row(case_row), journal)
 
     async def create_leased(self, case: Case, owner: str, ttl: float) -> Lease | None:
         """Insert a new case already leased to `owner` (token 1); None if the key exists."""
