@@ -4,6 +4,8 @@ A workflow is ordinary sequential async code; every `ctx.step()` is checkpointed
 process resumes at the last completed step, and a waiting case costs a row, not a coroutine.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .clock import Clock, ManualClock, SystemClock
 from .context import (
     ChildHandle,
@@ -75,6 +77,40 @@ from .stores.protocols import (
 from .tokens import decode_token, encode_token
 from .workflow import BaseWorkflow, WorkflowRegistry, default_registry, workflow
 
+if TYPE_CHECKING:
+    from .client import (
+        CaseWaitTimeoutError,
+        PublishReceipt,
+        RequestRefusedError,
+        SchedulerUnavailableError,
+        TianshuClient,
+    )
+
+# The client needs nats-py and the bus; imported on first use, so that `import tianshu_core` for
+# the engine alone stays free of them.
+_CLIENT_NAMES = frozenset(
+    {
+        "CaseWaitTimeoutError",
+        "PublishReceipt",
+        "RequestRefusedError",
+        "SchedulerUnavailableError",
+        "TianshuClient",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    """The client's names, imported on first use."""
+    if name in _CLIENT_NAMES:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _CLIENT_NAMES)
+
 
 async def connect_postgres(
     dsn: str, *, min_size: int = 1, max_size: int = 10, migrate: bool = False
@@ -93,6 +129,7 @@ __all__ = [
     "CaseInterruptedError",
     "CaseNotFoundError",
     "CaseStore",
+    "CaseWaitTimeoutError",
     "ChildHandle",
     "ChildOutcome",
     "Clock",
@@ -123,11 +160,14 @@ __all__ = [
     "Next",
     "PayloadTooLargeError",
     "PollPredicate",
+    "PublishReceipt",
     "PublishResult",
+    "RequestRefusedError",
     "ResourceFetcher",
     "RetryPolicy",
     "RunReport",
     "RunStatus",
+    "SchedulerUnavailableError",
     "Session",
     "SessionStateEntry",
     "SessionStore",
@@ -140,6 +180,7 @@ __all__ = [
     "StoreUnavailableError",
     "Stores",
     "SystemClock",
+    "TianshuClient",
     "TianshuError",
     "TickOutcome",
     "Timer",

@@ -1,0 +1,401 @@
+"""`TianshuClient`: start cases, publish events, read cases and await their outcome over NATS.
+
+It talks to the scheduler service only through the subjects of `tianshu_contracts.subjects`:
+requests on `tianshu.v1.rpc.…`, JetStream publishes for what must not be lost (fire-and-forget
+starts, events, commands), and core subscriptions for the `finished` notifications.
+
+    async with TianshuClient.connect("nats://127.0.0.1:4222") as client:
+        done = await client.run("approval", {"title": "Budget"}, timeout=60)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from pydantic import BaseModel, JsonValue, TypeAdapter
+
+from tianshu_contracts import (
+    CASE_FINISHED_ADAPTER,
+    GET_CASE_REPLY_ADAPTER,
+    START_CASE_REPLY_ADAPTER,
+    CancelCase,
+    CaseFinished,
+    CaseFound,
+    CaseSummary,
+    GetCase,
+    PauseCase,
+    RequestRefused,
+    ResumeCase,
+    StartCase,
+    StartCaseAccepted,
+    WireError,
+    subjects,
+)
+
+from . import serde
+from .bus import NatsSettings, connect, publish, redact, request
+from .errors import TianshuError
+from .tokens import require_plain
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# While awaiting a case, read it again this often: a `finished` notification is core NATS and is
+# lost if it is published while this client is reconnecting.
+_RECHECK_S = 5.0
+
+
+class RequestRefusedError(TianshuError):
+    """The scheduler answered a request with a refusal (unknown workflow, invalid input, ...).
+
+    `error` is the refusal as it came over the wire; `error.code` says why (`unknown_workflow`...).
+    """
+
+    code = "request_refused"
+
+    def __init__(self, subject: str, error: WireError) -> None:
+        super().__init__(f"the scheduler refused the request on {subject}: {error.message}")
+        self.subject = subject
+        self.error = error
+
+    @property
+    def refusal_code(self) -> str | None:
+        """The refusal's own code: `unknown_workflow`, `case_exists`, `schema_invalid`..."""
+        return self.error.code
+
+
+class SchedulerUnavailableError(TianshuError):
+    """No scheduler answered a request, or no stream took a publish (none was ever started)."""
+
+    code = "scheduler_unavailable"
+    retryable = True
+
+
+class CaseWaitTimeoutError(TianshuError, TimeoutError):
+    """A case did not finish within the time a client was willing to wait (it goes on running)."""
+
+    code = "case_wait_timeout"
+    retryable = True
+
+    def __init__(self, case_key: str, timeout: float, last_seen: CaseSummary | None) -> None:
+        state = (
+            f"it is {last_seen.execution_state} ({last_seen.lifecycle_state})"
+            if last_seen is not None
+            else "no such case existed when the wait began"
+        )
+        super().__init__(f"case {case_key!r} did not finish within {timeout:g} s; {state}")
+        self.case_key = case_key
+        self.timeout = timeout
+        self.last_seen = last_seen
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReceipt:
+    """JetStream stored the message (`duplicate`: it had one with this `msg_id` already)."""
+
+    subject: str
+    stream: str
+    seq: int
+    msg_id: str | None
+    duplicate: bool
+
+
+class TianshuClient:
+    """A client of the scheduler service over NATS. Open it with `connect`; close it when done.
+
+    Requests (`start_case`, `get_case`) need a running scheduler; JetStream publishes (events,
+    commands, `start_case(wait_reply=False)`) need only the streams a scheduler created once, and
+    wait there for one.
+    """
+
+    def __init__(self, nc: Client, *, request_timeout_s: float = 5.0, owns_connection: bool = False) -> None:
+        """Wrap a connected nats-py client (closed by `close()` only when `owns_connection`)."""
+        self.nc = nc
+        self.request_timeout_s = request_timeout_s
+        self._js = nc.jetstream(timeout=request_timeout_s)
+        self._owns = owns_connection
+
+    @classmethod
+    def connect(cls, server: NatsSettings | str | Client | None = None) -> _Connecting:
+        """Connect (awaitable, or an async context manager that closes the client at its end).
+
+        `server` is `NatsSettings`, a URL (the other settings still come from `TIANSHU_NATS_*`), an
+        already connected nats-py client (left open by `close()`), or None for the environment.
+        """
+        return _Connecting(cls, server)
+
+    async def close(self) -> None:
+        """Close the connection if this client opened it."""
+        if self._owns and not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> TianshuClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- starting cases -----------------------------------------------------------------------
+
+    @overload
+    async def start_case(
+        self,
+        workflow_code: str,
+        input: JsonValue = None,
+        *,
+        case_key: str | None = None,
+        session_id: str | None = None,
+        wait_reply: Literal[True] = True,
+        msg_id: str | None = None,
+    ) -> StartCaseAccepted: ...
+
+    @overload
+    async def start_case(
+        self,
+        workflow_code: str,
+        input: JsonValue = None,
+        *,
+        case_key: str | None = None,
+        session_id: str | None = None,
+        wait_reply: Literal[False],
+        msg_id: str | None = None,
+    ) -> PublishReceipt: ...
+
+    async def start_case(
+        self,
+        workflow_code: str,
+        input: JsonValue = None,
+        *,
+        case_key: str | None = None,
+        session_id: str | None = None,
+        wait_reply: bool = True,
+        msg_id: str | None = None,
+    ) -> StartCaseAccepted | PublishReceipt:
+        """Create a case of `workflow_code` and have it run; idempotent on `case_key`.
+
+        By default a request: the scheduler's answer comes back (`created` is False for a repeat),
+        a refusal raises `RequestRefusedError`. With `wait_reply=False` the start is published to
+        the `TIANSHU_CASES` stream with `Nats-Msg-Id` = `msg_id` (generated when not given) and
+        this returns once the stream stored it; a refusal then goes to the dead-letter stream.
+        Without a case key, the scheduler derives one from `msg_id`, so a retry starts nothing twice.
+        """
+        if case_key is not None:
+            require_plain(case_key, "case key")
+        message = StartCase(
+            workflow_code=workflow_code, case_key=case_key, session_id=session_id, input=input
+        )
+        if wait_reply:
+            headers = {subjects.HEADER_MSG_ID: msg_id} if msg_id is not None else None
+            reply = await self._ask(subjects.RPC_CASES_START, message, START_CASE_REPLY_ADAPTER, headers)
+            if isinstance(reply, RequestRefused):
+                raise RequestRefusedError(subjects.RPC_CASES_START, reply.error)
+            return reply
+        return await self._publish(
+            subjects.CASES_START, message, msg_id or uuid.uuid4().hex, subjects.STREAM_CASES
+        )
+
+    async def run(
+        self,
+        workflow_code: str,
+        input: JsonValue = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - see wait_for_case
+        case_key: str | None = None,
+        session_id: str | None = None,
+    ) -> CaseFinished:
+        """Start a case and wait for its outcome (`start_case`, then `wait_for_case`)."""
+        accepted = await self.start_case(workflow_code, input, case_key=case_key, session_id=session_id)
+        return await self.wait_for_case(accepted.case_key, timeout=timeout)
+
+    # -- events and commands ------------------------------------------------------------------
+
+    async def publish_event(
+        self, resource_type: str, resource_id: str, payload: Any = None, *, event_id: str | None = None
+    ) -> PublishReceipt:
+        """Publish an event on `tianshu.v1.events.<resource_type>.<resource_id>` (JetStream).
+
+        `payload` is any JSON-serialisable value (pydantic models and datetimes too). `event_id`
+        becomes `Nats-Msg-Id`: a repeat wakes nobody twice, within the engine's event retention.
+        """
+        subject = subjects.event(require_plain(resource_type, "resource type"), resource_id)
+        body = serde.dumps(payload).encode()
+        return await self._publish(subject, body, event_id, subjects.STREAM_EVENTS)
+
+    async def cancel(self, case_key: str, *, reason: str | None = None) -> PublishReceipt:
+        """Ask for a case to stop for good at its next step boundary (a waiting case stops at once)."""
+        return await self._command(CancelCase(case_key=self._key(case_key), reason=reason))
+
+    async def pause(self, case_key: str, *, reason: str | None = None) -> PublishReceipt:
+        """Hold a case: it runs no further until resumed (events still reach it)."""
+        return await self._command(PauseCase(case_key=self._key(case_key), reason=reason))
+
+    async def resume(self, case_key: str, *, reason: str | None = None) -> PublishReceipt:
+        """Let a paused case run again."""
+        return await self._command(ResumeCase(case_key=self._key(case_key), reason=reason))
+
+    # -- reading cases ------------------------------------------------------------------------
+
+    async def get_case(self, case_key: str) -> CaseSummary | None:
+        """The case as the scheduler reads it from Postgres, or None when no case has this key."""
+        reply = await self._ask(
+            subjects.RPC_CASES_GET, GetCase(case_key=self._key(case_key)), GET_CASE_REPLY_ADAPTER
+        )
+        if isinstance(reply, RequestRefused):
+            raise RequestRefusedError(subjects.RPC_CASES_GET, reply.error)
+        return reply.case if isinstance(reply, CaseFound) else None
+
+    async def wait_for_case(
+        self,
+        case_key: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - its error carries the case's last state
+    ) -> CaseFinished:
+        """Wait until the case finished, failed or was cancelled; its outcome.
+
+        Subscribes to the case's `finished` notification first, then reads the case, so a case
+        that ended before the call returns at once and one that ends meanwhile is not missed.
+        A case that does not exist yet (a fire-and-forget start in flight) is waited for too.
+        `timeout` (seconds; None waits without limit) raises `CaseWaitTimeoutError`.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        sub = await self.nc.subscribe(subjects.case_finished(self._key(case_key)))
+        try:
+            seen = await self.get_case(case_key)
+            while seen is None or not _is_over(seen):
+                left = _RECHECK_S if deadline is None else min(_RECHECK_S, deadline - loop.time())
+                if left <= 0:
+                    assert timeout is not None
+                    raise CaseWaitTimeoutError(case_key, timeout, seen)
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except nats.errors.TimeoutError:
+                    seen = await self._recheck(case_key, seen)
+                    continue
+                return CASE_FINISHED_ADAPTER.validate_json(msg.data)
+            return _finished_from(seen)
+        finally:
+            with contextlib.suppress(nats.errors.Error):  # closed or draining: nothing to undo
+                await sub.unsubscribe()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(case_key: str) -> str:
+        return require_plain(case_key, "case key")
+
+    async def _recheck(self, case_key: str, seen: CaseSummary | None) -> CaseSummary | None:
+        try:
+            return await self.get_case(case_key) or seen
+        except SchedulerUnavailableError as exc:  # a scheduler restarting: keep waiting
+            log.debug("re-reading case %s: %s", case_key, exc)
+            return seen
+
+    async def _command(self, command: CancelCase | PauseCase | ResumeCase) -> PublishReceipt:
+        subject = subjects.case_command(command.case_key)
+        return await self._publish(subject, command, None, subjects.STREAM_CASES)
+
+    def _where(self) -> str:
+        url = self.nc.connected_url
+        return redact(url.geturl()) if url is not None else "NATS"
+
+    async def _ask(
+        self,
+        subject: str,
+        message: BaseModel,
+        reply: TypeAdapter[T],
+        headers: Mapping[str, str] | None = None,
+    ) -> T:
+        try:
+            return await request(
+                self.nc, subject, message, reply, timeout_s=self.request_timeout_s, headers=headers
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise SchedulerUnavailableError(
+                f"no scheduler serves {subject} on {self._where()}: is tianshu-scheduler running?"
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            raise SchedulerUnavailableError(
+                f"no scheduler answered on {subject} within {self.request_timeout_s:g} s "
+                f"({self._where()}): is tianshu-scheduler running and keeping up?"
+            ) from exc
+
+    async def _publish(
+        self, subject: str, payload: BaseModel | bytes, msg_id: str | None, stream: str
+    ) -> PublishReceipt:
+        try:
+            ack = await publish(self._js, subject, payload, msg_id=msg_id, stream=stream)
+        except nats.js.errors.NoStreamResponseError as exc:
+            raise SchedulerUnavailableError(
+                f"no JetStream stream takes {subject} on {self._where()}: the {stream} stream is "
+                "missing (a tianshu-scheduler creates it when it starts)"
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            raise SchedulerUnavailableError(
+                f"JetStream did not acknowledge the publish on {subject} within "
+                f"{self.request_timeout_s:g} s ({self._where()})"
+            ) from exc
+        return PublishReceipt(subject, ack.stream, ack.seq, msg_id, bool(ack.duplicate))
+
+
+class _Connecting:
+    """What `TianshuClient.connect` returns: await it, or use it as an async context manager."""
+
+    def __init__(self, cls: type[TianshuClient], server: NatsSettings | str | Client | None) -> None:
+        self._cls = cls
+        self._server = server
+        self._client: TianshuClient | None = None
+
+    async def _open(self) -> TianshuClient:
+        if isinstance(self._server, Client):
+            return self._cls(self._server)
+        settings = NatsSettings(url=self._server) if isinstance(self._server, str) else self._server
+        settings = settings or NatsSettings()
+        nc = await connect(settings, name=settings.name or "tianshu-client")
+        return self._cls(nc, request_timeout_s=settings.request_timeout_s, owns_connection=True)
+
+    def __await__(self) -> Generator[Any, None, TianshuClient]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> TianshuClient:
+        self._client = await self._open()
+        return self._client
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def _is_over(case: CaseSummary) -> bool:
+    return case.execution_state in ("finished", "failed") or case.lifecycle_state == "stop"
+
+
+def _finished_from(case: CaseSummary) -> CaseFinished:
+    """The `CaseFinished` the scheduler published (or would have) for a case read after it ended."""
+    return CaseFinished(
+        case_key=case.case_key,
+        session_id=case.session_id,
+        workflow_code=case.workflow_code,
+        execution_state=case.execution_state,
+        lifecycle_state=case.lifecycle_state,
+        finished_type=case.finished_type,
+        description=case.finished_description,
+        output=case.output,
+        error=case.error,
+        finished_at=case.updated_at,
+    )
