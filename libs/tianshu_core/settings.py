@@ -17,7 +17,15 @@ class Settings(BaseSettings):
 
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/postgres",
-        description="Postgres URL (asyncpg form). TLS options in the URL are honoured.",
+        description="Postgres URL (asyncpg form). TLS options in the URL are honoured, and stricter "
+        "than libpq's: any sslmode that asks for TLS (require included) verifies the certificate "
+        "against sslrootcert or the system's CA store; no sslmode means no TLS.",
+    )
+    database_tls_insecure: bool = Field(
+        default=False,
+        description="Encrypt without verifying the server's certificate for sslmode=allow/prefer/require "
+        "(a development server with a self-signed certificate). Logged as a warning on every connect; "
+        "never weakens verify-ca or verify-full. Read from the environment by the Postgres stores.",
     )
     migrate_on_start: bool = Field(default=False, description="Apply pending migrations on start.")
     pool_min_size: int = Field(default=1, ge=0)

@@ -18,8 +18,10 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from pydantic import BaseModel, JsonValue
 
 from tianshu_contracts import (
@@ -116,10 +118,14 @@ class Scheduler:
         options = ConsumeOptions(max_payload_bytes=s.max_event_payload_bytes)
         # Few starts per fetch, so that replicas share a burst of starts instead of one taking all.
         start_options = replace(options, batch=8)
+        subs = {
+            durable: await pull_subscription(js, specs[durable])
+            for durable in (subjects.CONSUMER_START, subjects.CONSUMER_COMMANDS, subjects.CONSUMER_EVENTS)
+        }
         consumers: list[BatchConsumer[Any]] = [
             BatchConsumer(
                 nc,
-                await pull_subscription(js, specs[subjects.CONSUMER_START]),
+                subs[subjects.CONSUMER_START],
                 START_CASE_ADAPTER,
                 self._handle_start,
                 options=start_options,
@@ -127,7 +133,7 @@ class Scheduler:
             ),
             BatchConsumer(
                 nc,
-                await pull_subscription(js, specs[subjects.CONSUMER_COMMANDS]),
+                subs[subjects.CONSUMER_COMMANDS],
                 CASE_COMMAND_ADAPTER,
                 self._handle_command,
                 options=options,
@@ -135,7 +141,7 @@ class Scheduler:
             ),
             BatchConsumer(
                 nc,
-                await pull_subscription(js, specs[subjects.CONSUMER_EVENTS]),
+                subs[subjects.CONSUMER_EVENTS],
                 EVENT_PAYLOAD_ADAPTER,
                 self._handle_event,
                 options=options,
@@ -156,7 +162,10 @@ class Scheduler:
             await responder.start()
         for consumer in consumers:
             consumer.start()
-        self._workers = [*consumers, *responders]
+        self._workers = [
+            *(_PullWorker(c, sub) for c, sub in zip(consumers, subs.values(), strict=True)),
+            *responders,
+        ]
         self._sweeper = asyncio.create_task(self._sweep(), name="tianshu-sweeper")
         if s.scheduler_ready_file:
             _write_ready(Path(s.scheduler_ready_file))
@@ -287,6 +296,8 @@ class Scheduler:
             if exc.retryable:
                 raise
             raise RejectMessage(exc, case_key=key) from exc
+        except asyncpg.DataError as exc:  # see _unstorable
+            raise _unstorable(exc, case_key=key) from exc
         self.schedule(case.case_key)
         return case, not existed
 
@@ -318,6 +329,17 @@ class Scheduler:
             resource_type, resource_id = subjects.parse_event(delivery.subject)
         except ValueError as exc:
             raise RejectMessage(wire_error(str(exc), code="bad_subject")) from exc
+        # Only the canonical subject of a resource: the base64 decoding of `~` tokens skips
+        # characters outside its alphabet, so `order.~%%%` would otherwise be an event on the
+        # resource '' (found by tests/test_scheduler_bad_input.py).
+        if subjects.event(resource_type, resource_id) != delivery.subject:
+            raise RejectMessage(
+                wire_error(
+                    f"{delivery.subject!r} is not the canonical subject of resource "
+                    f"{resource_type}/{resource_id!r} ({subjects.event(resource_type, resource_id)!r})",
+                    code="bad_subject",
+                )
+            )
         # Without a Nats-Msg-Id, the stream sequence still makes a redelivery a no-op.
         event_id = delivery.msg_id or _stream_msg_id(delivery)
         try:
@@ -326,11 +348,20 @@ class Scheduler:
             if exc.retryable:
                 raise
             raise RejectMessage(exc) from exc
+        except (asyncpg.DataError, TypeError) as exc:  # see _unstorable
+            raise _unstorable(exc) from exc
 
     async def _handle_command(self, msg: CaseCommandMsg, delivery: Delivery) -> None:
         engine = self.engine
         assert engine is not None
-        if subjects.case_key_of(delivery.subject) != msg.case_key:
+        # A subject token that is no case key (`tianshu.v1.cases.a~b.command`) is refused at once;
+        # the ValueError used to count as transient, retried until max deliveries (found by
+        # tests/test_scheduler_bad_input.py).
+        try:
+            subject_key = subjects.case_key_of(delivery.subject)
+        except ValueError as exc:
+            raise RejectMessage(wire_error(str(exc), code="bad_subject")) from exc
+        if subject_key != msg.case_key:
             raise RejectMessage(
                 wire_error(
                     f"command for case {msg.case_key!r} sent on {delivery.subject!r}", code="subject_mismatch"
@@ -373,6 +404,31 @@ class Scheduler:
             await publish_core(nc, subjects.case_finished(case.case_key), finished(case))
 
 
+class _PullWorker:
+    """A consumer for GracefulShutdown that unsubscribes its pull subscription once it has stopped.
+
+    Without this every SIGTERM waited out nats-py's whole drain timeout (10 s by default), even
+    with nothing in flight: `Client.drain()` waits on each subscription's `pending_queue.join()`,
+    but `PullSubscription.fetch()` takes leftover messages (the 408 status a finished long poll
+    leaves behind) with `get_nowait()` and never calls `task_done()`, so a pull subscription's
+    join never returns. A stopped consumer fetches nothing more (what it fetched was settled or
+    released), so dropping its inbox loses nothing; the durable consumer on the server stays.
+    """
+
+    def __init__(self, consumer: BatchConsumer[Any], subscription: JetStreamContext.PullSubscription) -> None:
+        self._consumer = consumer
+        self._subscription = subscription
+
+    def stop(self) -> None:
+        self._consumer.stop()
+
+    async def shutdown(self, timeout_s: float) -> bool:
+        finished = await self._consumer.shutdown(timeout_s)
+        with contextlib.suppress(Exception):  # already closed or reconnecting: nothing to drain
+            await self._subscription.unsubscribe()
+        return finished
+
+
 class _RunsWorker:
     """Lets GracefulShutdown wait for the scheduler's in-flight runs like for any worker."""
 
@@ -392,6 +448,20 @@ def _write_ready(path: Path) -> None:
 
 def _clear_ready(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def _unstorable(exc: Exception, *, case_key: str | None = None) -> RejectMessage:
+    """Refuse at once a valid message whose values cannot be stored; retrying cannot change that.
+
+    Found by tests/test_scheduler_bad_input.py: Postgres refuses a NUL character in text and
+    jsonb (`\\u0000`: asyncpg.DataError, SQLSTATE class 22), and the JSON encoder an integer over
+    64 bits (TypeError). Both escaped the handlers as if transient: five deliveries with backoff,
+    then a `max_deliveries` dead letter (and a request got a reply saying "retryable").
+    """
+    return RejectMessage(
+        wire_error(f"this message's values cannot be stored: {exc}", code="unstorable_value"),
+        case_key=case_key,
+    )
 
 
 def _key_from_msg_id(msg_id: str) -> str:
