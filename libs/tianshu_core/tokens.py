@@ -41,7 +41,8 @@ def decode_token(token: str) -> str:
         return token
     raw = token[len(ENCODED_PREFIX) :]
     try:
-        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        # validate=True: refuse characters outside the alphabet instead of skipping them.
+        return base64.b64decode(raw + "=" * (-len(raw) % 4), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidTokenError(f"{token!r} is not a valid encoded token") from exc
 

@@ -181,7 +181,7 @@ class BatchConsumer(Generic[T]):
                 return
             try:
                 msgs = await self._sub.fetch(opts.batch, timeout=opts.fetch_timeout_s)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue  # nothing to do (or the fetch was lost to a reconnect)
             except asyncio.CancelledError:
                 raise
