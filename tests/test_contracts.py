@@ -85,6 +85,24 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
         error=ERROR,
         dead_lettered_at=NOW,
     ),
+    tc.ToolCallRequest: tc.ToolCallRequest(
+        call_id="3f2a9c",
+        case_key="order-42",
+        step="agent/r1/call/call_1",
+        tool="search",
+        tool_call_id="call_1",
+        arguments='{"query": "gpus"}',
+        timeout_s=30,
+        deadline=NOW,
+    ),
+    tc.ToolCallResult: tc.ToolCallResult(
+        call_id="3f2a9c",
+        case_key="order-42",
+        step="agent/r1/call/call_1",
+        result=tc.ToolResult(call_id="call_1", content="3 results"),
+        runner="runner-1",
+        duration_s=0.25,
+    ),
 }
 
 
@@ -259,6 +277,10 @@ def test_contracts_do_not_import_the_core() -> None:
 EXPORTS = {
     *("CASE_COMMAND_ADAPTER", "CASE_FINISHED_ADAPTER", "CASE_UPDATED_ADAPTER", "CHANNELS"),
     *("DEAD_LETTER_ADAPTER", "EVENT_PAYLOAD_ADAPTER", "GET_CASE_ADAPTER", "GET_CASE_REPLY_ADAPTER"),
+    *("LLM_REQUEST_ADAPTER", "LLM_RESPONSE_ADAPTER", "LLM_STREAM_EVENT_ADAPTER"),
+    *("TOOL_CALL_REQUEST_ADAPTER", "TOOL_CALL_RESULT_ADAPTER", "ToolCallRequest", "ToolCallResult"),
+    *("Done", "LlmMessage", "LlmRequest", "LlmResponse", "LlmStreamEvent", "Role", "StreamError"),
+    *("TextDelta", "ToolCall", "ToolName", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageEvent"),
     *("MESSAGES", "REFUSAL_ADAPTER", "START_CASE_ADAPTER", "START_CASE_REPLY_ADAPTER"),
     *("CancelCase", "CaseCommand", "CaseFinished", "CaseFound", "CaseKey", "CaseNotFound", "CaseSummary"),
     *("CaseUpdated", "Channel", "DeadLetter", "DeadLetterReason", "ExecutionState", "GetCase"),

@@ -2,8 +2,10 @@
 
 Messages are pydantic v2 models with a `kind` tag; each subject has a module-level `TypeAdapter`
 (a discriminated union where several kinds share the subject). `subjects` names every subject and
-stream; `catalog` says what travels where; `generate` writes the JSON Schema files and the AsyncAPI
-document in `contracts/schemas/`. This package imports nothing from `tianshu_core`.
+stream; `llm` holds the LLM types (messages, requests, replies, tool calls and results, stream
+events) and `tools` the tool runners' messages; `catalog` says what travels where; `generate`
+writes the JSON Schema files and the AsyncAPI document in `contracts/schemas/`. This package
+imports nothing from `tianshu_core`.
 """
 
 from . import catalog, subjects, tokens
@@ -37,6 +39,27 @@ from .cases import (
 from .catalog import CHANNELS, EVENT_PAYLOAD_ADAPTER, MESSAGES, Channel
 from .dead_letters import DEAD_LETTER_ADAPTER, REFUSAL_ADAPTER, DeadLetter, DeadLetterReason, Refusal
 from .errors import WireError
+from .llm import (
+    LLM_REQUEST_ADAPTER,
+    LLM_RESPONSE_ADAPTER,
+    LLM_STREAM_EVENT_ADAPTER,
+    Done,
+    LlmMessage,
+    LlmRequest,
+    LlmResponse,
+    LlmStreamEvent,
+    Role,
+    StreamError,
+    TextDelta,
+    ToolCall,
+    ToolName,
+    ToolResult,
+    ToolSpec,
+    ToolUse,
+    Usage,
+    UsageEvent,
+)
+from .tools import TOOL_CALL_REQUEST_ADAPTER, TOOL_CALL_RESULT_ADAPTER, ToolCallRequest, ToolCallResult
 
 __all__ = [
     "CASE_COMMAND_ADAPTER",
@@ -47,10 +70,15 @@ __all__ = [
     "EVENT_PAYLOAD_ADAPTER",
     "GET_CASE_ADAPTER",
     "GET_CASE_REPLY_ADAPTER",
+    "LLM_REQUEST_ADAPTER",
+    "LLM_RESPONSE_ADAPTER",
+    "LLM_STREAM_EVENT_ADAPTER",
     "MESSAGES",
     "REFUSAL_ADAPTER",
     "START_CASE_ADAPTER",
     "START_CASE_REPLY_ADAPTER",
+    "TOOL_CALL_REQUEST_ADAPTER",
+    "TOOL_CALL_RESULT_ADAPTER",
     "CancelCase",
     "CaseCommand",
     "CaseFinished",
@@ -62,18 +90,35 @@ __all__ = [
     "Channel",
     "DeadLetter",
     "DeadLetterReason",
+    "Done",
     "ExecutionState",
     "GetCase",
     "GetCaseReply",
     "LifecycleState",
+    "LlmMessage",
+    "LlmRequest",
+    "LlmResponse",
+    "LlmStreamEvent",
     "Message",
     "PauseCase",
     "Refusal",
     "RequestRefused",
     "ResumeCase",
+    "Role",
     "StartCase",
     "StartCaseAccepted",
     "StartCaseReply",
+    "StreamError",
+    "TextDelta",
+    "ToolCall",
+    "ToolCallRequest",
+    "ToolCallResult",
+    "ToolName",
+    "ToolResult",
+    "ToolSpec",
+    "ToolUse",
+    "Usage",
+    "UsageEvent",
     "WireError",
     "WireModel",
     "catalog",

@@ -34,6 +34,7 @@ from .cases import (
     StartCaseAccepted,
 )
 from .dead_letters import DEAD_LETTER_ADAPTER, REFUSAL_ADAPTER, DeadLetter, Refusal
+from .tools import TOOL_CALL_REQUEST_ADAPTER, TOOL_CALL_RESULT_ADAPTER, ToolCallRequest, ToolCallResult
 
 EVENT_PAYLOAD_ADAPTER: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
 """An outside event's body: any JSON (the subject names the resource)."""
@@ -172,6 +173,29 @@ CHANNELS: tuple[Channel, ...] = (
         action="send",
         stream=subjects.STREAM_DLQ,
         parameters={"origin": "The original subject without tianshu.v1. (one or more tokens)."},
+    ),
+    Channel(
+        id="toolCalls",
+        address=f"{subjects.PREFIX}.tools.calls.{{tool}}",
+        description="A tool call for any tool runner (TIANSHU_TOOLS is a work queue: one shared durable "
+        "consumer, each call acknowledged by the runner that recorded its result). Nats-Msg-Id is the "
+        "call_id, so a repeat within the duplicate window is dropped.",
+        messages=(ToolCallRequest,),
+        adapter=TOOL_CALL_REQUEST_ADAPTER,
+        action="send",
+        stream=subjects.STREAM_TOOLS,
+        parameters={"tool": "The tool's name."},
+    ),
+    Channel(
+        id="toolResults",
+        address=f"{subjects.PREFIX}.tools.results.{{case_key}}",
+        description="The result of a tool call made by the case; Nats-Msg-Id is the call_id, and the "
+        "result is recorded once per call_id however often it is delivered.",
+        messages=(ToolCallResult,),
+        adapter=TOOL_CALL_RESULT_ADAPTER,
+        action="receive",
+        stream=subjects.STREAM_TOOL_RESULTS,
+        parameters={"case_key": "The key of the case that made the call."},
     ),
 )
 

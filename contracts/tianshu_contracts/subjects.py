@@ -13,6 +13,8 @@ Subjects carry the contract's version (`tianshu.v1.…`); a breaking change gets
 | `tianshu.v1.cases.<case_key>.finished` | `CaseFinished`: ended, failed or cancelled | none |
 | `tianshu.v1.errors.<origin>` | `Refusal` of a message sent on `tianshu.v1.<origin>` | none |
 | `tianshu.v1.dlq.<origin>` | `DeadLetter` of a message from `tianshu.v1.<origin>` | TIANSHU_DLQ |
+| `tianshu.v1.tools.calls.<tool>` | `ToolCallRequest`, for any tool runner | TIANSHU_TOOLS |
+| `tianshu.v1.tools.results.<case_key>` | `ToolCallResult` of the case's call | TIANSHU_TOOL_RESULTS |
 
 "none" means core NATS: not stored, seen only by those subscribed at the time.
 
@@ -28,6 +30,11 @@ Why these choices:
 - Notifications and refusals are core NATS: a client subscribes first, then reads the case
   (`tianshu.v1.rpc.cases.get`) to cover a case that ended before it subscribed. Postgres, not NATS,
   is the record; the DLQ stream keeps every refused message durably.
+- Tool calls go to a work-queue stream (TIANSHU_TOOLS): a call is stored until one runner has
+  acknowledged it, and every runner pulls from one durable consumer (`tianshu-tool-runner`), so
+  adding runners adds capacity. The tool's name is in the subject, so a runner that loads only
+  some tools can filter on theirs. Results go to their own stream, by case, so a result outlives a
+  scheduler restart and reaches whichever scheduler holds the case.
 - Resource ids are encoded with `tokens.encode_token`; resource types and case keys are plain tokens.
 """
 
@@ -50,16 +57,22 @@ RPC_CASES_START: Final = f"{PREFIX}.rpc.cases.start"
 RPC_CASES_GET: Final = f"{PREFIX}.rpc.cases.get"
 ERRORS: Final = f"{PREFIX}.errors.>"
 DEAD_LETTERS: Final = f"{PREFIX}.dlq.>"
+TOOL_CALLS: Final = f"{PREFIX}.tools.calls.*"
+TOOL_RESULTS: Final = f"{PREFIX}.tools.results.*"
 
 # Streams.
 STREAM_CASES: Final = "TIANSHU_CASES"
 STREAM_EVENTS: Final = "TIANSHU_EVENTS"
 STREAM_DLQ: Final = "TIANSHU_DLQ"
+STREAM_TOOLS: Final = "TIANSHU_TOOLS"
+STREAM_TOOL_RESULTS: Final = "TIANSHU_TOOL_RESULTS"
 
 STREAM_SUBJECTS: Final[dict[str, tuple[str, ...]]] = {
     STREAM_CASES: (CASES_START, CASE_COMMANDS),
     STREAM_EVENTS: (EVENTS,),
     STREAM_DLQ: (DEAD_LETTERS,),
+    STREAM_TOOLS: (TOOL_CALLS,),
+    STREAM_TOOL_RESULTS: (TOOL_RESULTS,),
 }
 """Which subjects each stream captures; no two overlap, and none captures `tianshu.v1.rpc.>`."""
 
@@ -68,6 +81,9 @@ CONSUMER_START: Final = "tianshu-scheduler-start"
 CONSUMER_COMMANDS: Final = "tianshu-scheduler-commands"
 CONSUMER_EVENTS: Final = "tianshu-scheduler-events"
 QUEUE_SCHEDULER: Final = "tianshu-scheduler"
+# The tool runners' shared durable consumer of TIANSHU_TOOLS, and the schedulers' of the results.
+CONSUMER_TOOL_CALLS: Final = "tianshu-tool-runner"
+CONSUMER_TOOL_RESULTS: Final = "tianshu-scheduler-tool-results"
 
 # Headers.
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
@@ -89,6 +105,16 @@ def case_updated(case_key: str) -> str:
 def case_finished(case_key: str) -> str:
     """`tianshu.v1.cases.<case_key>.finished`: subscribe here to await a case's output."""
     return f"{PREFIX}.cases.{require_plain(case_key, 'case key')}.finished"
+
+
+def tool_call(tool: str) -> str:
+    """`tianshu.v1.tools.calls.<tool>`: where calls of `tool` are published."""
+    return f"{PREFIX}.tools.calls.{require_plain(tool, 'tool name')}"
+
+
+def tool_result(case_key: str) -> str:
+    """`tianshu.v1.tools.results.<case_key>`: where the results of the case's tool calls arrive."""
+    return f"{PREFIX}.tools.results.{require_plain(case_key, 'case key')}"
 
 
 def case_key_of(subject: str) -> str:

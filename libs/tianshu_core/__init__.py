@@ -6,6 +6,8 @@ process resumes at the last completed step, and a waiting case costs a row, not 
 
 from typing import TYPE_CHECKING, Any
 
+from tianshu_contracts.llm import LlmMessage, LlmRequest, LlmResponse, ToolCall, ToolResult, ToolSpec, Usage
+
 from .clock import Clock, ManualClock, SystemClock
 from .context import (
     ChildHandle,
@@ -45,6 +47,7 @@ from .errors import (
     TianshuError,
     UnknownWorkflowError,
 )
+from .llm import LlmProvider, ScriptedLlm
 from .models import (
     Case,
     CaseFilter,
@@ -75,6 +78,20 @@ from .stores.protocols import (
     WaitStore,
 )
 from .tokens import decode_token, encode_token
+from .tools import (
+    BaseTool,
+    LocalToolExecutor,
+    Tool,
+    ToolDefinitionError,
+    ToolExecutor,
+    ToolInvocation,
+    ToolLoopConfig,
+    ToolLoopMaxRoundsError,
+    ToolRegistry,
+    ToolSafety,
+    Toolset,
+    tool,
+)
 from .workflow import BaseWorkflow, WorkflowRegistry, default_registry, workflow
 
 if TYPE_CHECKING:
@@ -122,6 +139,7 @@ async def connect_postgres(
 
 
 __all__ = [
+    "BaseTool",
     "BaseWorkflow",
     "Case",
     "CaseExistsError",
@@ -155,6 +173,11 @@ __all__ = [
     "LeaseLostError",
     "LeaseStore",
     "Lifecycle",
+    "LlmMessage",
+    "LlmProvider",
+    "LlmRequest",
+    "LlmResponse",
+    "LocalToolExecutor",
     "ManualClock",
     "MigrationError",
     "Next",
@@ -168,6 +191,7 @@ __all__ = [
     "RunReport",
     "RunStatus",
     "SchedulerUnavailableError",
+    "ScriptedLlm",
     "Session",
     "SessionStateEntry",
     "SessionStore",
@@ -185,7 +209,20 @@ __all__ = [
     "TickOutcome",
     "Timer",
     "TimerStore",
+    "Tool",
+    "ToolCall",
+    "ToolDefinitionError",
+    "ToolExecutor",
+    "ToolInvocation",
+    "ToolLoopConfig",
+    "ToolLoopMaxRoundsError",
+    "ToolRegistry",
+    "ToolResult",
+    "ToolSafety",
+    "ToolSpec",
+    "Toolset",
     "UnknownWorkflowError",
+    "Usage",
     "WaitStore",
     "WaitTimeoutError",
     "Waiting",
@@ -197,5 +234,6 @@ __all__ = [
     "default_registry",
     "encode_token",
     "memory_stores",
+    "tool",
     "workflow",
 ]

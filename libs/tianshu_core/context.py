@@ -31,7 +31,11 @@ from .telemetry import in_span
 from .tokens import child_case_key, require_plain
 
 if TYPE_CHECKING:
+    from tianshu_contracts.llm import LlmRequest
+
     from .engine import CaseRun
+    from .llm import LlmProvider
+    from .tools import ToolLoopConfig, ToolRegistry, Toolset
 
 T = TypeVar("T")
 StepFn = Callable[[], "T | Awaitable[T]"]
@@ -297,6 +301,32 @@ class WorkflowContext:
                 fresh = True
         if fresh:
             await self._append(JournalKind.CLEAR, "clear", serde.dumps({"names": list(names)}))
+
+    # -- tools --------------------------------------------------------------------------------
+
+    async def tool_step(
+        self,
+        name: str,
+        llm: LlmProvider,
+        tools: ToolRegistry | Toolset,
+        request: LlmRequest,
+        config: ToolLoopConfig | None = None,
+    ) -> str:
+        """Run the tool-use loop durably and return the model's final text.
+
+        Ask `llm` (offering `tools`), run the tool calls of its reply (consecutive read-only calls
+        in parallel, any other call alone, results in call order), feed the results back, and
+        repeat until it answers without tools, at most `config.max_rounds` times
+        (`ToolLoopMaxRoundsError` after that). Each reply and each tool result is recorded as it
+        arrives (`<name>/r<k>/llm`, `<name>/r<k>/call/<call id>`), and the final text under `name`,
+        so a replay asks neither the model nor a tool again for anything that answered. A
+        `ToolRegistry` runs its tools in-process; a `Toolset` runs them with its own executor.
+        """
+        from .tools import _loop  # imported here: the loop module builds on this one
+
+        config = config or _loop.ToolLoopConfig()
+        loop = _loop.ToolLoop(self, name, llm, _loop.as_toolset(tools, config), config)
+        return await self.step(name, lambda: loop.run(request), returns=str)
 
     # -- state --------------------------------------------------------------------------------
 

@@ -1,0 +1,303 @@
+"""The durable tool-use loop behind `ctx.tool_step`.
+
+Each round asks the model, appends its reply, runs the tool calls it asked for and feeds the
+results back, until it answers without tools. Everything that answers is recorded as it arrives,
+as an ordinary step under the loop's name:
+
+    <name>/r<k>/llm               the model's reply in round k (an LlmResponse)
+    <name>/r<k>/call/<call id>    the result of one tool call of that reply (a ToolResult)
+    <name>                        the final text
+
+so a replay asks neither the model nor a tool again for anything recorded; it only runs what had
+not answered. After `ctx.clear_steps([name])` the records of the next run go under `<name>@<n>/...`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeVar
+
+from pydantic import ValidationError
+
+from tianshu_contracts.llm import LlmMessage, LlmRequest, LlmResponse, ToolCall, ToolResult
+from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER
+
+from ..context import Suspend, _decode, _guard
+from ..errors import TianshuError
+from ..models import PollPredicate
+from ..retry import RetryPolicy
+from ..telemetry import in_span
+from ._executor import (
+    DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_TIMEOUT_S,
+    ToolCallPending,
+    ToolInvocation,
+    Toolset,
+    error_result,
+)
+from ._registry import ToolRegistry
+from ._tool import ToolSafety
+
+if TYPE_CHECKING:
+    from ..context import WorkflowContext
+    from ..llm import LlmProvider
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TOOL_RESULT_RESOURCE = "tianshu-tool-result"
+"""The resource type of a tool result delivered as an event (its id is the call's `call_id`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolLoopConfig:
+    """Limits of one tool loop.
+
+    `max_rounds` bounds the model calls; `max_concurrency` the read-only calls running at once;
+    `tool_timeout_s` each call (None: no limit but the tool's own). `max_result_bytes` cuts long
+    results when the loop is given a `ToolRegistry` (a `Toolset`'s executor has its own limit).
+    `llm_retry`, when set, retries a failed model call.
+    """
+
+    max_rounds: int = 10
+    max_concurrency: int = 5
+    tool_timeout_s: float | None = DEFAULT_TIMEOUT_S
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    llm_retry: RetryPolicy | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be at least 1")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+
+
+class ToolLoopMaxRoundsError(TianshuError):
+    """The model still asked for tools in the last reply `max_rounds` allowed."""
+
+    code = "tool_loop_max_rounds"
+
+    def __init__(self, name: str, max_rounds: int, tools: Sequence[str]) -> None:
+        super().__init__(
+            f"tool loop {name!r} reached max_rounds={max_rounds}: the model's reply in round "
+            f"{max_rounds} still asked for tools ({', '.join(tools)}); raise ToolLoopConfig.max_rounds "
+            "or change the prompt"
+        )
+        self.name = name
+        self.max_rounds = max_rounds
+
+
+class _Pending(BaseException):
+    """A call whose result is awaited as an event (a remote executor's slow path).
+
+    A BaseException, like `Suspend`, so that spans do not mark the wait as an error.
+    """
+
+    def __init__(self, predicate: PollPredicate, wake_at: datetime) -> None:
+        super().__init__(predicate.step_name)
+        self.predicate = predicate
+        self.wake_at = wake_at
+
+
+def as_toolset(tools: ToolRegistry | Toolset, config: ToolLoopConfig) -> Toolset:
+    """The toolset a loop runs with; a registry's tools run in-process."""
+    if isinstance(tools, Toolset):
+        return tools
+    return tools.toolset(default_timeout_s=config.tool_timeout_s, max_result_bytes=config.max_result_bytes)
+
+
+class ToolLoop:
+    """One run of one tool loop in one case run."""
+
+    def __init__(
+        self,
+        ctx: WorkflowContext,
+        name: str,
+        llm: LlmProvider,
+        tools: Toolset,
+        config: ToolLoopConfig,
+    ) -> None:
+        self.ctx, self.name, self.llm, self.tools, self.config = ctx, name, llm, tools, config
+        full = ctx._stage_prefix + name
+        generation = ctx._generation[full]
+        # Records of a cleared loop must not be replayed by its next run: give them new names.
+        self.base = name if generation == 0 else f"{name}@{generation}"
+
+    async def run(self, request: LlmRequest) -> str:
+        """The final text of the model, once it answers without tools."""
+        messages = list(request.messages)
+        specs = list(self.tools.specs)
+        for k in range(1, self.config.max_rounds + 1):
+            asked = request.model_copy(update={"messages": list(messages), "tools": specs})
+            reply = await self._ask(k, asked)
+            messages.append(reply.message())
+            if not reply.tool_calls:
+                return reply.content
+            if k == self.config.max_rounds:
+                raise ToolLoopMaxRoundsError(self.name, k, [c.name for c in reply.tool_calls])
+            results = await self._round(k, reply.tool_calls)
+            messages.extend(LlmMessage.tool(r) for r in results)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _ask(self, k: int, request: LlmRequest) -> LlmResponse:
+        record = f"{self.base}/r{k}/llm"
+        attrs: dict[str, str | int] = {
+            "tianshu.step": record,
+            "tianshu.case_key": self.ctx.case.case_key,
+            "tianshu.round": k,
+            "gen_ai.request.model": request.model,
+        }
+
+        def complete() -> Awaitable[LlmResponse]:
+            return self.llm.complete(request)
+
+        async def ask() -> LlmResponse:
+            policy = self.config.llm_retry
+            if policy is None:
+                return await complete()
+            return await policy.call(f"model call {record!r}", complete)
+
+        return await self.ctx.step(record, lambda: in_span("tianshu.llm", attrs, ask), returns=LlmResponse)
+
+    # -- one round ----------------------------------------------------------------------------
+
+    async def _round(self, k: int, calls: Sequence[ToolCall]) -> list[ToolResult]:
+        """Run a reply's calls: consecutive read-only calls together, any other call alone."""
+        records = _record_names(f"{self.base}/r{k}/call", calls)
+        results: list[ToolResult] = []
+        for group in _partition(calls, self._safety):
+            if len(group) == 1:
+                outcomes: list[ToolResult | _Pending] = [await self._call(records[group[0]], calls[group[0]])]
+            else:
+                limit = asyncio.Semaphore(self.config.max_concurrency)
+                outcomes = await _all([self._bounded(limit, records[i], calls[i]) for i in group])
+            pending = [o for o in outcomes if isinstance(o, _Pending)]
+            if pending:
+                # Later calls wait: an exclusive call must not overlap one still running elsewhere.
+                raise Suspend([p.predicate for p in pending], min(p.wake_at for p in pending))
+            results.extend(o for o in outcomes if isinstance(o, ToolResult))
+        return results
+
+    async def _bounded(self, limit: asyncio.Semaphore, record: str, call: ToolCall) -> ToolResult | _Pending:
+        async with limit:
+            return await self._call(record, call)
+
+    def _safety(self, call: ToolCall) -> ToolSafety:
+        if not self.tools.knows(call.name):
+            return ToolSafety.EXCLUSIVE
+        return self.tools.safety_of(call.name)
+
+    async def _call(self, record: str, call: ToolCall) -> ToolResult | _Pending:
+        ctx = self.ctx
+        invocation = ToolInvocation.of(ctx.case.case_key, ctx._stage_prefix + record)
+        attrs = {
+            "tianshu.step": record,
+            "tianshu.case_key": ctx.case.case_key,
+            "tianshu.tool": call.name,
+            "gen_ai.tool.call.id": call.id,
+        }
+
+        async def answer() -> ToolResult:
+            result = await self._answer(call, invocation)
+            if result.call_id != call.id:
+                result = result.model_copy(update={"call_id": call.id})
+            return result
+
+        try:
+            return await ctx.step(record, lambda: in_span("tianshu.tool", attrs, answer), returns=ToolResult)
+        except _Pending as pending:
+            return pending
+
+    async def _answer(self, call: ToolCall, invocation: ToolInvocation) -> ToolResult:
+        if not self.tools.knows(call.name):
+            return error_result(call, f"unknown tool: {call.name}")
+        waited = await self._awaited_result(call, invocation)
+        if waited is not None:
+            return waited
+        try:
+            return await self.tools.executor.execute(
+                call, timeout_s=self.config.tool_timeout_s, invocation=invocation
+            )
+        except ToolCallPending as pending:
+            wake_at = await self.ctx._deadline(_wait_name(invocation), pending.wait_s)
+            raise _Pending(_predicate(invocation), wake_at) from None
+
+    async def _awaited_result(self, call: ToolCall, invocation: ToolInvocation) -> ToolResult | None:
+        """For a call already sent and awaited as an event: its result, an error past its deadline,
+        or `_Pending` while it may still come. None for a call never sent."""
+        ctx = self.ctx
+        wait = _wait_name(invocation)
+        timer = ctx._journal.records.get((wait, ctx._generation[wait]))
+        if timer is None:
+            return None
+        event = await _guard(
+            ctx._run.stores.events.next_after(
+                TOOL_RESULT_RESOURCE, invocation.call_id, after_seq=0, not_before=ctx.case.created_at
+            )
+        )
+        if event is not None:
+            try:
+                return TOOL_CALL_RESULT_ADAPTER.validate_python(event.payload).result
+            except ValidationError as exc:
+                log.warning("case %s: malformed tool result event for %s: %s", ctx.case.case_key, wait, exc)
+                return error_result(call, f"tool {call.name} answered with a malformed result")
+        wake_at = datetime.fromisoformat(_decode(timer)["fire_at"])
+        if ctx._run.clock.now() >= wake_at:
+            return error_result(call, f"tool {call.name}: no result arrived before the deadline")
+        raise _Pending(_predicate(invocation), wake_at)
+
+
+def _wait_name(invocation: ToolInvocation) -> str:
+    return f"{invocation.step}:wait"
+
+
+def _predicate(invocation: ToolInvocation) -> PollPredicate:
+    return PollPredicate(
+        resource_type=TOOL_RESULT_RESOURCE, resource_id=invocation.call_id, step_name=invocation.step
+    )
+
+
+def _record_names(prefix: str, calls: Sequence[ToolCall]) -> list[str]:
+    """One record name per call, keyed by its id; a repeated id in one reply gets `#2`, `#3`, ..."""
+    seen: dict[str, int] = {}
+    names = []
+    for call in calls:
+        seen[call.id] = seen.get(call.id, 0) + 1
+        n = seen[call.id]
+        names.append(f"{prefix}/{call.id}" if n == 1 else f"{prefix}/{call.id}#{n}")
+    return names
+
+
+def _partition(calls: Sequence[ToolCall], safety: Callable[[ToolCall], ToolSafety]) -> list[list[int]]:
+    """Indices grouped: a run of consecutive read-only calls is one group, any other call its own."""
+    groups: list[list[int]] = []
+    parallel = False
+    for i, call in enumerate(calls):
+        read_only = safety(call) is ToolSafety.READ_ONLY
+        if read_only and parallel:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        parallel = read_only
+    return groups
+
+
+async def _all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Await all, results in order; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        unfinished = [t for t in tasks if not t.done()]
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.gather(*unfinished, return_exceptions=True)
