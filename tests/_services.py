@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +11,16 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+from nats.aio.client import Client
+
+from tianshu_contracts import CancelCase, PauseCase, ResumeCase, subjects
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +88,23 @@ class SchedulerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    @property
+    def owner(self) -> str:
+        """The lease owner this replica writes on the cases it holds."""
+        return f"{self.name}-{self.pid}"
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the process to end on its own; its exit code (TimeoutExpired past the limit)."""
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def log_text(self) -> str:
+        """Everything the replica logged so far."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -107,3 +135,171 @@ def effects(workdir: Path) -> list[tuple[str, str, int]]:
 def executions(workdir: Path) -> Counter[tuple[str, str]]:
     """How many times each (case key, step) body ran."""
     return Counter((key, what) for key, what, _ in effects(workdir))
+
+
+def pids_by_case(workdir: Path) -> dict[str, set[int]]:
+    """The processes that ran step bodies of each case."""
+    out: dict[str, set[int]] = {}
+    for key, _what, pid in effects(workdir):
+        out.setdefault(key, set()).add(pid)
+    return out
+
+
+# -- talking to the scheduler over NATS, as an outside system does -------------------------------
+
+
+def new_key(prefix: str) -> str:
+    """A case key no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def request_start(nc: Client, code: str, input: Any = None, key: str | None = None) -> str:
+    """Start a case by request on `tianshu.v1.rpc.cases.start`; the case key from the reply."""
+    body: dict[str, Any] = {"kind": "start_case", "workflow_code": code, "input": input}
+    if key:
+        body["case_key"] = key
+    reply = json.loads(
+        (await nc.request(subjects.RPC_CASES_START, json.dumps(body).encode(), timeout=10)).data
+    )
+    assert reply["kind"] == "start_case_accepted", reply
+    return str(reply["case_key"])
+
+
+async def publish_start(nc: Client, code: str, key: str, input: Any = None) -> None:
+    """Start a case fire-and-forget: a JetStream publish on `tianshu.v1.cases.start`."""
+    body = {"kind": "start_case", "workflow_code": code, "case_key": key, "input": input}
+    await nc.jetstream().publish(
+        subjects.CASES_START, json.dumps(body).encode(), headers={subjects.HEADER_MSG_ID: f"start-{key}"}
+    )
+
+
+async def send_command(nc: Client, command: CancelCase | PauseCase | ResumeCase) -> None:
+    """A JetStream publish of a case command on `tianshu.v1.cases.<key>.command`."""
+    await nc.jetstream().publish(
+        subjects.case_command(command.case_key),
+        command.model_dump_json().encode(),
+        headers={subjects.HEADER_MSG_ID: f"{command.kind}-{command.case_key}-{uuid.uuid4().hex[:8]}"},
+    )
+
+
+async def publish_event(
+    nc: Client, resource_type: str, resource_id: str, payload: Any, msg_id: str | None = None
+) -> None:
+    """A plain nats-py JetStream publish on `tianshu.v1.events.<type>.<id>`."""
+    headers = {subjects.HEADER_MSG_ID: msg_id} if msg_id else None
+    await nc.jetstream().publish(
+        subjects.event(resource_type, resource_id), json.dumps(payload).encode(), headers=headers
+    )
+
+
+# -- watching the database ---------------------------------------------------------------------
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    what: str,
+    within: float = 30.0,
+    interval: float = 0.02,
+    context: Callable[[], str] | None = None,
+) -> T:
+    """Poll `check` until it returns something other than None (or False); that value.
+
+    `within` is a safety net against a hang, not a performance threshold.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        value = await check()
+        if value is not None and value is not False:
+            return value
+        if loop.time() > deadline:
+            detail = f"\n{context()}" if context is not None else ""
+            raise AssertionError(f"not after {within:g} s: {what}{detail}")
+        await asyncio.sleep(interval)
+
+
+class CaseDb:
+    """Read-only looks at the test database: case rows, journals, timers."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def open(cls, url: str) -> CaseDb:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        assert pool is not None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def case(self, key: str) -> dict[str, Any]:
+        row = await self.pool.fetchrow(
+            "SELECT case_key, execution_state, lifecycle, finished_type, output::text AS output, "
+            "error::text AS error, lease_owner, lease_token FROM tianshu_cases WHERE case_key = $1",
+            key,
+        )
+        assert row is not None, f"no case {key}"
+        out = dict(row)
+        out["output"] = None if out["output"] is None else json.loads(out["output"])
+        return out
+
+    async def states(self, keys: Sequence[str]) -> dict[str, str]:
+        """execution_state of each case."""
+        rows = await self.pool.fetch(
+            "SELECT case_key, execution_state FROM tianshu_cases WHERE case_key = ANY($1::text[])", list(keys)
+        )
+        return {r["case_key"]: r["execution_state"] for r in rows}
+
+    async def journal(self, key: str) -> list[dict[str, Any]]:
+        """The case's journal rows in seq order: seq, kind, name, token."""
+        rows = await self.pool.fetch(
+            "SELECT seq, kind, name, token FROM tianshu_journal WHERE case_key = $1 ORDER BY seq", key
+        )
+        return [dict(r) for r in rows]
+
+    async def steps(self, key: str) -> list[str]:
+        """Names of the case's checkpointed steps, in seq order."""
+        return [e["name"] for e in await self.journal(key) if e["kind"] == "step"]
+
+    async def step_counts(self, keys: Sequence[str]) -> dict[str, int]:
+        """How many steps each case has checkpointed."""
+        rows = await self.pool.fetch(
+            "SELECT case_key, count(*) AS n FROM tianshu_journal "
+            "WHERE case_key = ANY($1::text[]) AND kind = 'step' GROUP BY case_key",
+            list(keys),
+        )
+        counts = dict.fromkeys(keys, 0)
+        counts.update({r["case_key"]: r["n"] for r in rows})
+        return counts
+
+    async def timers(self, key: str) -> list[str]:
+        rows = await self.pool.fetch("SELECT name FROM tianshu_timers WHERE case_key = $1", key)
+        return [r["name"] for r in rows]
+
+    async def wait_state(self, key: str, state: str, *, within: float = 30.0, **kw: Any) -> dict[str, Any]:
+        """The case once its execution_state is `state` (fails early if it ends in another one)."""
+
+        async def check() -> dict[str, Any] | None:
+            case = await self.case(key)
+            if case["execution_state"] == state:
+                return case
+            if case["execution_state"] in ("finished", "failed"):
+                raise AssertionError(f"case {key} ended {case['execution_state']}, not {state}: {case}")
+            return None
+
+        return await eventually(check, what=f"case {key} {state}", within=within, **kw)
+
+    async def wait_all(
+        self, keys: Sequence[str], state: str = "finished", *, within: float = 60.0, **kw: Any
+    ) -> None:
+        """Until every case is in `state`."""
+
+        async def check() -> bool:
+            states = await self.states(keys)
+            failed = {k: s for k, s in states.items() if s == "failed" and state != "failed"}
+            assert not failed, f"cases failed: {failed}"
+            return sum(s == state for s in states.values()) == len(keys)
+
+        await eventually(check, what=f"{len(keys)} cases {state}", within=within, **kw)

@@ -87,3 +87,28 @@ async def parent(ctx: WorkflowContext) -> WorkflowResult:
     handles = await ctx.spawn_children([SpawnConfig("e2e_child", {"n": i}) for i in range(n)])
     outcomes = await ctx.await_children(handles)
     return await ctx.finish("done", output=[o.output for o in outcomes])
+
+
+@registry.workflow("e2e_slow_step")
+async def slow_step(ctx: WorkflowContext) -> WorkflowResult:
+    """Three steps; the middle one sleeps `seconds` first, so a test can freeze a replica inside it."""
+    seconds = float(ctx.case.resource_data["seconds"])
+    await ctx.step("first", lambda: effect(ctx, "first"))
+
+    async def slow() -> str:
+        await asyncio.sleep(seconds)
+        return effect(ctx, "slow")
+
+    await ctx.step("slow", slow)
+    await ctx.step("last", lambda: effect(ctx, "last"))
+    return await ctx.finish("done", output={"pid": os.getpid()})
+
+
+@registry.workflow("e2e_think_then_wait")
+async def think_then_wait(ctx: WorkflowContext) -> WorkflowResult:
+    """A step, `seconds` of work outside any step (no checkpoint), then a wait and a last step."""
+    await ctx.step("before", lambda: effect(ctx, "before"))
+    await asyncio.sleep(float(ctx.case.resource_data["seconds"]))
+    payload: Any = await ctx.wait_for_event("order", ctx.case.case_key)
+    await ctx.step("after", lambda: effect(ctx, "after"))
+    return await ctx.finish("done", output=payload)

@@ -177,6 +177,7 @@ class WorkflowContext:
         self._auto: dict[str, int] = defaultdict(int)
         self._stage_prefix = ""
         self._deferred: list[JournalEntry] = []
+        self.spawned: list[str] = []
         self.executed: list[str] = []
         self.replayed: list[str] = []
 
@@ -482,6 +483,7 @@ class WorkflowContext:
         )
         if key not in self.case.child_keys:
             self.case.child_keys.append(key)
+        self.spawned.append(key)
         self.executed.append(name)
         return ChildHandle(key, workflow_code, name)
 

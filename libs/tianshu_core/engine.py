@@ -383,6 +383,9 @@ class Engine:
             case.execution_state = ExecutionState.RUNNING
             status = RunStatus.CONTINUE
         await stores.cases.save(case, lease.token, release=True)
+        if ctx.spawned:
+            for wake_listener in self._wake_listeners:
+                wake_listener(ctx.spawned)  # new children are runnable: start them now
         if self._listeners:
             await self._notify(case)
         if isinstance(result, Waiting):

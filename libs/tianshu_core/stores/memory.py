@@ -131,6 +131,8 @@ class InMemoryCaseStore:
 
     async def save(self, case: Case, token: int, *, release: bool = False) -> None:
         self._db.fenced(case.case_key, token)
+        # The lifecycle belongs to the operator: a pause or cancel during the run stays.
+        case.lifecycle_state = self._db.cases[case.case_key].lifecycle_state
         self._db.cases[case.case_key] = _copy(case)
         if release:
             row = self._db.leases[case.case_key]

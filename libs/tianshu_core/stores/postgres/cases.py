@@ -9,7 +9,7 @@ from typing import Any
 from ...errors import LeaseLostError
 from ...models import Case, CaseFilter, ExecutionState, JournalEntry, Lease, Lifecycle
 from ._backend import Conn, PgBackend
-from ._codec import CASE_COLUMNS, CASE_SET, CASE_VALUES, case_args, case_from_row
+from ._codec import CASE_COLUMNS, CASE_SET, CASE_VALUES, RUN_SET, case_args, case_from_row
 
 _INSERT = f"""
 INSERT INTO tianshu_cases ({CASE_COLUMNS}) VALUES ({CASE_VALUES})
@@ -21,12 +21,14 @@ INSERT INTO tianshu_cases ({CASE_COLUMNS}) VALUES ({CASE_VALUES})
 ON CONFLICT (case_key) DO UPDATE SET {CASE_SET}
 """
 _SAVE = f"""
-UPDATE tianshu_cases SET {CASE_SET}
-WHERE case_key = $1 AND lease_token = $17
+UPDATE tianshu_cases SET {RUN_SET}
+WHERE case_key = $1 AND lease_token = $16
+RETURNING lifecycle
 """
 _SAVE_RELEASE = f"""
-UPDATE tianshu_cases SET {CASE_SET}, lease_owner = NULL, lease_expires_at = NULL
-WHERE case_key = $1 AND lease_token = $17
+UPDATE tianshu_cases SET {RUN_SET}, lease_owner = NULL, lease_expires_at = NULL
+WHERE case_key = $1 AND lease_token = $16
+RETURNING lifecycle
 """
 _GET = "SELECT * FROM tianshu_cases WHERE case_key = $1"
 # Lease free = never taken, released, or expired, by the database's clock.
@@ -136,12 +138,17 @@ class PostgresCaseStore:
         )
 
     async def save(self, case: Case, token: int, *, release: bool = False) -> None:
-        """Write the case as its lease holder; LeaseLostError once another holder took it."""
-        status = await self._db.execute(
-            "case save", _SAVE_RELEASE if release else _SAVE, *case_args(case), token
+        """Write the case as its lease holder; LeaseLostError once another holder took it.
+
+        The lifecycle is never written here (an operator's pause or cancel may land during the
+        run); the stored one is read back into `case`."""
+        args = case_args(case)
+        lifecycle = await self._db.fetchval(
+            "case save", _SAVE_RELEASE if release else _SAVE, *args[:4], *args[5:], token
         )
-        if status != "UPDATE 1":
+        if lifecycle is None:
             raise LeaseLostError(case.case_key, token)
+        case.lifecycle_state = Lifecycle(lifecycle)
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool:
         """Set what an operator asked of the case; False when there is no such case."""
