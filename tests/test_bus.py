@@ -172,6 +172,8 @@ async def test_tianshu_streams_and_consumers_are_ensured_idempotently(nc: Client
     assert [s.config.name for s in first] == [
         subjects.STREAM_CASES,
         subjects.STREAM_EVENTS,
+        subjects.STREAM_TOOLS,
+        subjects.STREAM_TOOL_RESULTS,
         subjects.STREAM_DLQ,
     ]
     for a, b, spec in zip(first, second, specs, strict=True):

@@ -326,7 +326,8 @@ class WorkflowContext:
         from .tools import _loop  # imported here: the loop module builds on this one
 
         config = config or _loop.ToolLoopConfig()
-        loop = _loop.ToolLoop(self, name, llm, _loop.as_toolset(tools, config), config)
+        toolset = _loop.as_toolset(tools, config, self._run.tool_executor)
+        loop = _loop.ToolLoop(self, name, llm, toolset, config)
         return await self.step(name, lambda: loop.run(request), returns=str)
 
     # -- state --------------------------------------------------------------------------------

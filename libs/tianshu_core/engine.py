@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import serde
 from .clock import Clock, SystemClock
@@ -48,6 +48,9 @@ from .stores.protocols import Stores
 from .telemetry import in_span, tracer
 from .tokens import new_case_key, require_plain
 from .workflow import WorkflowRegistry, default_registry
+
+if TYPE_CHECKING:
+    from .tools import ToolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,7 @@ class CaseRun:
     registry: WorkflowRegistry
     clock: Clock
     config: EngineConfig
+    tool_executor: ToolExecutor | None = None
 
 
 class Engine:
@@ -153,8 +157,11 @@ class Engine:
         clock: Clock | None = None,
         config: EngineConfig | None = None,
         fetcher: ResourceFetcher | None = None,
+        tool_executor: ToolExecutor | None = None,
     ) -> None:
         self.stores = stores
+        # Runs the tools of `ctx.tool_step` given as a ToolRegistry; None: in-process.
+        self.tool_executor = tool_executor
         self.registry = registry if registry is not None else default_registry
         self.clock = clock or SystemClock()
         self.config = config or EngineConfig()
@@ -285,7 +292,7 @@ class Engine:
             entries = lease.journal
         else:
             entries = await stores.journal.load(case.case_key)
-        run = CaseRun(case, lease.token, stores, self.registry, self.clock, self.config)
+        run = CaseRun(case, lease.token, stores, self.registry, self.clock, self.config, self.tool_executor)
         ctx = WorkflowContext(run, entries)
         heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
         try:

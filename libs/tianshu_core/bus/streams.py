@@ -199,6 +199,21 @@ class TianshuStreams:
                 **common,
             ),
             StreamSpec(
+                name=subjects.STREAM_TOOLS,
+                subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_TOOLS],
+                retention="workqueue",
+                max_age_s=self.cases_max_age_s,
+                description="Tool calls: work for the tool runners, removed once answered.",
+                **common,
+            ),
+            StreamSpec(
+                name=subjects.STREAM_TOOL_RESULTS,
+                subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_TOOL_RESULTS],
+                max_age_s=self.cases_max_age_s,
+                description="Tool results, by case, for the schedulers; Nats-Msg-Id is the call id.",
+                **common,
+            ),
+            StreamSpec(
                 name=subjects.STREAM_DLQ,
                 subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_DLQ],
                 max_age_s=self.dlq_max_age_s,
@@ -216,6 +231,9 @@ def scheduler_consumers(*, ack_wait_s: float = 30.0, max_ack_pending: int = 1000
         ConsumerSpec(subjects.STREAM_CASES, subjects.CONSUMER_START, subjects.CASES_START, **common),
         ConsumerSpec(subjects.STREAM_CASES, subjects.CONSUMER_COMMANDS, subjects.CASE_COMMANDS, **common),
         ConsumerSpec(subjects.STREAM_EVENTS, subjects.CONSUMER_EVENTS, subjects.EVENTS, **common),
+        ConsumerSpec(
+            subjects.STREAM_TOOL_RESULTS, subjects.CONSUMER_TOOL_RESULTS, subjects.TOOL_RESULTS, **common
+        ),
     ]
 
 

@@ -35,6 +35,7 @@ from ._executor import (
     DEFAULT_MAX_RESULT_BYTES,
     DEFAULT_TIMEOUT_S,
     ToolCallPending,
+    ToolExecutor,
     ToolInvocation,
     Toolset,
     error_result,
@@ -103,10 +104,15 @@ class _Pending(BaseException):
         self.wake_at = wake_at
 
 
-def as_toolset(tools: ToolRegistry | Toolset, config: ToolLoopConfig) -> Toolset:
-    """The toolset a loop runs with; a registry's tools run in-process."""
+def as_toolset(
+    tools: ToolRegistry | Toolset, config: ToolLoopConfig, executor: ToolExecutor | None = None
+) -> Toolset:
+    """The toolset a loop runs with: a registry's tools run by the engine's executor (the tool
+    runners, in service mode) when it has one, else in-process."""
     if isinstance(tools, Toolset):
         return tools
+    if executor is not None:
+        return tools.toolset(executor)
     return tools.toolset(default_timeout_s=config.tool_timeout_s, max_result_bytes=config.max_result_bytes)
 
 

@@ -43,6 +43,7 @@ from tianshu_contracts import (
     WireError,
     subjects,
 )
+from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER, ToolCallResult
 from tianshu_core import (
     Case,
     Engine,
@@ -70,6 +71,8 @@ from tianshu_core.bus import (
     wire_error,
 )
 from tianshu_core.bus.shutdown import Stoppable
+from tianshu_core.bus.tools import NatsToolExecutor
+from tianshu_core.tools import TOOL_RESULT_RESOURCE
 
 from .settings import SchedulerSettings
 
@@ -97,6 +100,7 @@ class Scheduler:
         self._stopping = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self.runs_done = 0
+        self.tools: NatsToolExecutor
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -120,8 +124,17 @@ class Scheduler:
         start_options = replace(options, batch=8)
         subs = {
             durable: await pull_subscription(js, specs[durable])
-            for durable in (subjects.CONSUMER_START, subjects.CONSUMER_COMMANDS, subjects.CONSUMER_EVENTS)
+            for durable in (
+                subjects.CONSUMER_START,
+                subjects.CONSUMER_COMMANDS,
+                subjects.CONSUMER_EVENTS,
+                subjects.CONSUMER_TOOL_RESULTS,
+            )
         }
+        # ctx.tool_step's registries run on the tool runners, over NATS.
+        self.tools = NatsToolExecutor(nc, js, hot_window_s=s.scheduler_tool_hot_window_s)
+        await self.tools.start()
+        engine.tool_executor = self.tools
         consumers: list[BatchConsumer[Any]] = [
             BatchConsumer(
                 nc,
@@ -146,6 +159,14 @@ class Scheduler:
                 self._handle_event,
                 options=options,
                 name="events",
+            ),
+            BatchConsumer(
+                nc,
+                subs[subjects.CONSUMER_TOOL_RESULTS],
+                TOOL_CALL_RESULT_ADAPTER,
+                self._handle_tool_result,
+                options=options,
+                name="tool-results",
             ),
         ]
         responders: list[Responder[Any]] = [
@@ -350,6 +371,16 @@ class Scheduler:
             raise RejectMessage(exc) from exc
         except (asyncpg.DataError, TypeError) as exc:  # see _unstorable
             raise _unstorable(exc) from exc
+
+    async def _handle_tool_result(self, result: ToolCallResult, _delivery: Delivery) -> None:
+        """Record a tool result durably, keyed by its call id: an event on the call, which wakes a
+        case parked on it (the slow path). A run awaiting it here gets it at once (the fast path)."""
+        engine = self.engine
+        assert engine is not None
+        self.tools.resolve(result)
+        await engine.publish_event(
+            TOOL_RESULT_RESOURCE, result.call_id, result.model_dump(mode="json"), event_id=result.call_id
+        )
 
     async def _handle_command(self, msg: CaseCommandMsg, delivery: Delivery) -> None:
         engine = self.engine

@@ -31,6 +31,13 @@ class SchedulerSettings(Settings):
         default=30.0, gt=0, description="Ack wait of its JetStream consumers."
     )
 
+    scheduler_tool_hot_window_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a case keeps its coroutine waiting for a tool result before it parks "
+        "as an ordinary wait (the result still wakes it).",
+    )
+
     @property
     def workflow_modules(self) -> list[str]:
         return [m.strip() for m in self.workflows.split(",") if m.strip()]
