@@ -8,52 +8,43 @@ Resource types and case keys must already be plain tokens.
 
 from __future__ import annotations
 
-import base64
 import re
 import uuid
 
+from tianshu_contracts import tokens as _wire
+from tianshu_contracts.tokens import ENCODED_PREFIX, MAX_TOKEN_LENGTH, encode_token, is_plain_token
+
 from .errors import InvalidTokenError
 
-_SAFE = re.compile(r"[A-Za-z0-9_-]+\Z")
+# The scheme itself is the contracts' (what crosses the wire); the engine raises its own error.
+__all__ = [
+    "ENCODED_PREFIX",
+    "MAX_TOKEN_LENGTH",
+    "child_case_key",
+    "decode_token",
+    "encode_token",
+    "is_plain_token",
+    "new_case_key",
+    "require_plain",
+]
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-ENCODED_PREFIX = "~"
-MAX_TOKEN_LENGTH = 200
-
-
-def is_plain_token(value: str) -> bool:
-    """True when `value` can stand in a subject as it is."""
-    return bool(_SAFE.match(value)) and len(value) <= MAX_TOKEN_LENGTH
-
-
-def encode_token(value: str) -> str:
-    """Encode any string as one subject token (identity for plain tokens)."""
-    if is_plain_token(value):
-        return value
-    raw = base64.urlsafe_b64encode(value.encode()).rstrip(b"=").decode()
-    return ENCODED_PREFIX + raw
 
 
 def decode_token(token: str) -> str:
     """Invert `encode_token`."""
-    if not token.startswith(ENCODED_PREFIX):
-        if not is_plain_token(token):
-            raise InvalidTokenError(f"{token!r} is neither a plain nor an encoded token")
-        return token
-    raw = token[len(ENCODED_PREFIX) :]
     try:
-        # validate=True: refuse characters outside the alphabet instead of skipping them.
-        return base64.b64decode(raw + "=" * (-len(raw) % 4), altchars=b"-_", validate=True).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidTokenError(f"{token!r} is not a valid encoded token") from exc
+        return _wire.decode_token(token)
+    except ValueError as exc:
+        raise InvalidTokenError(str(exc)) from exc
 
 
 def require_plain(value: str, what: str) -> str:
     """Check that a name the engine puts in subjects verbatim is a plain token."""
-    if not is_plain_token(value):
-        raise InvalidTokenError(
-            f"{what} {value!r} must be 1-{MAX_TOKEN_LENGTH} characters of A-Z, a-z, 0-9, '_' or '-'"
-        )
-    return value
+    try:
+        return _wire.require_plain(value, what)
+    except ValueError as exc:
+        raise InvalidTokenError(str(exc)) from exc
 
 
 def new_case_key(prefix: str | None = None) -> str:

@@ -41,28 +41,10 @@ class PostgresEventStore:
         dedupe_since: datetime,
     ) -> tuple[Event, bool]:
         """Store the event; with an id seen since `dedupe_since`, return that one and False."""
-        text = dump(payload)
-
-        async def op(conn: Conn, attempt: int) -> tuple[Event, bool]:
-            row = await conn.fetchrow(
-                "SELECT out_seq, out_payload::text, out_published_at, out_created "
-                "FROM tianshu_publish_event($1, $2, $3::jsonb, $4, $5, $6)",
-                resource_type,
-                resource_id,
-                text,
-                event_id,
-                published_at,
-                dedupe_since,
-            )
-            if row is None:  # the function always returns one row
-                raise RuntimeError("tianshu_publish_event returned no row")
-            stored = load(row[1])
-            created: bool = row[3]
-            if not created and attempt > 1 and row[2] == published_at and stored == load(text):
-                created = True  # our own first attempt committed; its reply was lost
-            return Event(row[0], resource_type, resource_id, stored, event_id, row[2]), created
-
-        return await self._db.run("event publish", op, idempotent=event_id is not None)
+        event, created, _ = await self._publish(
+            "tianshu_publish_event", resource_type, resource_id, payload, event_id, published_at, dedupe_since
+        )
+        return event, created
 
     async def publish_and_wake(
         self,
@@ -77,29 +59,47 @@ class PostgresEventStore:
         """`publish` and wake the resource's waiting cases: one call of `tianshu_publish_and_wake`
         (migration 0002), one commit. Retried like `publish`; a retry after a commit whose reply
         was lost reports no woken keys, and the scheduler's sweep picks those cases up instead."""
+        return await self._publish(
+            "tianshu_publish_and_wake",
+            resource_type,
+            resource_id,
+            payload,
+            event_id,
+            published_at,
+            dedupe_since,
+        )
+
+    async def _publish(
+        self,
+        function: str,
+        resource_type: str,
+        resource_id: str,
+        payload: Any,
+        event_id: str | None,
+        published_at: datetime,
+        dedupe_since: datetime,
+    ) -> tuple[Event, bool, list[str]]:
         text = dump(payload)
+        woken = ", out_woken" if function == "tianshu_publish_and_wake" else ""
+        sql = (
+            f"SELECT out_seq, out_payload::text, out_published_at, out_created{woken} "
+            f"FROM {function}($1, $2, $3::jsonb, $4, $5, $6)"
+        )
 
         async def op(conn: Conn, attempt: int) -> tuple[Event, bool, list[str]]:
             row = await conn.fetchrow(
-                "SELECT out_seq, out_payload::text, out_published_at, out_created, out_woken "
-                "FROM tianshu_publish_and_wake($1, $2, $3::jsonb, $4, $5, $6)",
-                resource_type,
-                resource_id,
-                text,
-                event_id,
-                published_at,
-                dedupe_since,
+                sql, resource_type, resource_id, text, event_id, published_at, dedupe_since
             )
             if row is None:  # the function always returns one row
-                raise RuntimeError("tianshu_publish_and_wake returned no row")
+                raise RuntimeError(f"{function} returned no row")
             stored = load(row[1])
             created: bool = row[3]
             if not created and attempt > 1 and row[2] == published_at and stored == load(text):
                 created = True  # our own first attempt committed; its reply was lost
             event = Event(row[0], resource_type, resource_id, stored, event_id, row[2])
-            return event, created, list(row[4] or [])
+            return event, created, list(row[4] or []) if woken else []
 
-        return await self._db.run("event publish_and_wake", op, idempotent=event_id is not None)
+        return await self._db.run(f"event {function}", op, idempotent=event_id is not None)
 
     async def next_after(
         self, resource_type: str, resource_id: str, *, after_seq: int, not_before: datetime
