@@ -1,7 +1,7 @@
-"""Sets tianshu's B1 and B2 beside the anchors measured in the same run: the ratios and their targets.
+"""Sets tianshu's B1-B3 beside the anchors measured in the same run: the ratios and their targets.
 
 Usage: python bench/compare.py RESULTS      (RESULTS: the lines the systems printed, one each)
-Prints 'ratios tianshu/dbos=…x tianshu/langgraph=…x seq_p50/asyncpg_commit_p50=…x', then one
+Prints 'ratios tianshu/dbos=…x tianshu/langgraph=…x seq_p50/asyncpg_commit_p50=…x …', then one
 'target <ratio> <bound> PASS|MISS' line per target. Exits 1, naming the system, if a system's
 line or one of its figures is missing; a MISS is reported, not an error.
 """
@@ -14,18 +14,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 REQUIRED: dict[str, tuple[str, ...]] = {
-    "tianshu": ("b1_steps_per_s", "b1_seq_step_p50_ms", "b2_wake_p50_ms", "b2_wake_p99_ms"),
+    "tianshu": (
+        "b1_steps_per_s",
+        "b1_seq_step_p50_ms",
+        "b2_wake_p50_ms",
+        "b2_wake_p99_ms",
+        "b3_tool_rt_p50_ms",
+        "b3_tool_rt_p99_ms",
+        "b3_scale_1_to_3",
+        "nats_rr_p50_ms",
+    ),
     "dbos": ("steps_per_s", "wake_p50_ms", "wake_p99_ms"),
     "langgraph": ("steps_per_s",),
     "asyncpg": ("commit_p50_ms", "commits_per_s"),
 }
-# (ratio, comparison, bound): tianshu's throughput over the anchors', its step latency over one commit's.
+# (ratio, comparison, bound): tianshu's throughput over the anchors', its step latency over one commit's,
+# its wake latency over DBOS's, a tool call's round trip over a bare NATS request/reply (both measured
+# by B3 on one server), and B3's scale-out from one tool runner to three.
 TARGETS: list[tuple[str, str, float]] = [
     ("tianshu/dbos", ">=", 30.0),
     ("tianshu/langgraph", ">=", 12.0),
     ("seq_p50/asyncpg_commit_p50", "<=", 1.5),
     ("b2_wake_p50/dbos_wake_p50", "<=", 0.5),
     ("b2_wake_p99/dbos_wake_p99", "<=", 1.0),
+    ("b3_tool_rt_p50/nats_rr_p50", "<=", 8.0),
+    ("b3_scale_1_to_3", ">=", 2.5),
 ]
 COMPARE: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
 
@@ -68,6 +81,8 @@ def ratios(found: dict[str, dict[str, float]]) -> dict[str, float]:
         "seq_p50/asyncpg_commit_p50": t["b1_seq_step_p50_ms"] / found["asyncpg"]["commit_p50_ms"],
         "b2_wake_p50/dbos_wake_p50": t["b2_wake_p50_ms"] / found["dbos"]["wake_p50_ms"],
         "b2_wake_p99/dbos_wake_p99": t["b2_wake_p99_ms"] / found["dbos"]["wake_p99_ms"],
+        "b3_tool_rt_p50/nats_rr_p50": t["b3_tool_rt_p50_ms"] / t["nats_rr_p50_ms"],
+        "b3_scale_1_to_3": t["b3_scale_1_to_3"],
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,9 +12,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from nats.aio.client import Client
@@ -303,3 +305,57 @@ class CaseDb:
             return sum(s == state for s in states.values()) == len(keys)
 
         await eventually(check, what=f"{len(keys)} cases {state}", within=within, **kw)
+
+    # -- tool loops (tests/test_tool_service.py) -----------------------------------------------
+
+    async def step_data(self, key: str, name: str) -> list[Any]:
+        """The decoded data of every step record named `name` in the case's journal (one if all is well)."""
+        rows = await self.pool.fetch(
+            "SELECT data::text AS data FROM tianshu_journal WHERE case_key = $1 AND kind = 'step' "
+            "AND name = $2 ORDER BY seq",
+            key,
+            name,
+        )
+        return [json.loads(r["data"]) for r in rows]
+
+    async def waits(self, key: str) -> list[tuple[str, str, str]]:
+        """(resource type, resource id, step name) of each predicate the case waits on."""
+        rows = await self.pool.fetch(
+            "SELECT resource_type, resource_id, step_name FROM tianshu_waits WHERE case_key = $1 "
+            "ORDER BY position",
+            key,
+        )
+        return [(r["resource_type"], r["resource_id"], r["step_name"]) for r in rows]
+
+    async def event_count(self, resource_type: str, resource_id: str) -> int:
+        """How many events are stored on the resource."""
+        n = await self.pool.fetchval(
+            "SELECT count(*) FROM tianshu_events WHERE resource_type = $1 AND resource_id = $2",
+            resource_type,
+            resource_id,
+        )
+        return int(n)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(server_url: str, prefix: str = "tianshu_svc") -> AsyncIterator[str]:
+    """A new, migrated database on the server (dropped afterwards): no other test's cases in it, so a
+    scheduler's sweeper adopts only this test's."""
+    from tianshu_core.stores.postgres import migrate
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        await migrate(url)
+        yield url
+    finally:
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
