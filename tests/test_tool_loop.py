@@ -546,3 +546,55 @@ async def test_sigkill_then_rerun_repeats_nothing_that_answered(
         "agent/r2/call/r2c2",
         "agent/r2/call/r2c3",
     ]
+
+
+async def test_a_call_whose_result_was_recorded_while_no_run_awaited_it_is_not_run_again(
+    backend: Backend,
+) -> None:
+    """The run that sent a call died before recording its result; the result came as an event on
+    the call id meanwhile (long after any NATS duplicate window): the replay takes it."""
+    from tianshu_core.context import StoreFailure
+
+    registry = ToolRegistry([add])
+    sent: list[ToolInvocation] = []
+    engine_box: list[Any] = []
+
+    class SendsThenDies:
+        async def execute(
+            self, call: ToolCall, *, timeout_s: float | None = None, invocation: ToolInvocation | None = None
+        ) -> ToolResult:
+            assert invocation is not None
+            sent.append(invocation)
+            result = ToolCallResult(
+                call_id=invocation.call_id,
+                case_key=invocation.case_key,
+                step=invocation.step,
+                result=ToolResult(call_id=call.id, content="4"),
+                runner="runner-1",
+                duration_s=0.01,
+            )
+            await engine_box[0].publish_event(
+                TOOL_RESULT_RESOURCE,
+                invocation.call_id,
+                result.model_dump(mode="json"),
+                event_id=invocation.call_id,
+            )
+            raise StoreFailure(ConnectionError("the scheduler lost its store before recording"))
+
+    llm = ScriptedLlm(
+        lambda request: (
+            "four"
+            if _tool_messages(request)
+            else LlmResponse.calls(ToolCall.of("c1", "add", {"a": 2, "b": 2}))
+        )
+    )
+    engine = backend.engine(_agent(llm, registry.toolset(SendsThenDies())))
+    engine_box.append(engine)
+    case = await engine.start_case("agent", session_id=f"recorded-{uuid.uuid4().hex[:6]}")
+    await engine.run_case(case.case_key)  # abandoned: the reply is recorded, the call's result not
+    backend.clock.advance(3600)
+    await engine.run_until_idle(session_id=case.session_id)
+    done = await engine.get_case(case.case_key)
+    assert (done.execution_state, done.output) == (ExecutionState.FINISHED, "four")
+    assert len(sent) == 1
+    assert llm.calls == 2  # the first reply was replayed, not asked again

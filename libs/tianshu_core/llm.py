@@ -36,6 +36,10 @@ class ScriptedLlm:
     Every request it receives is kept in `requests`, so a test can check what the model was shown
     (and how often it was asked). `delay` makes each answer take that many seconds.
 
+    A list script lives in the object: make it once, outside the workflow. A workflow that builds
+    its model in every run (as a scheduler does when it replays a case) needs a function of the
+    request, or the list starts over on each run and answers out of turn.
+
         llm = ScriptedLlm([LlmResponse.calls(ToolCall.of("c1", "add", {"a": 1, "b": 2})), "It is 3."])
     """
 

@@ -132,6 +132,9 @@ class ToolLoop:
         generation = ctx._generation[full]
         # Records of a cleared loop must not be replayed by its next run: give them new names.
         self.base = name if generation == 0 else f"{name}@{generation}"
+        # Rounds whose model reply came from the journal: their calls may have been sent by an
+        # earlier run, and their results recorded as events while no run awaited them.
+        self._replayed_rounds: set[int] = set()
 
     async def run(self, request: LlmRequest) -> str:
         """The final text of the model, once it answers without tools."""
@@ -139,7 +142,10 @@ class ToolLoop:
         specs = list(self.tools.specs)
         for k in range(1, self.config.max_rounds + 1):
             asked = request.model_copy(update={"messages": list(messages), "tools": specs})
+            replayed_before = len(self.ctx.replayed)
             reply = await self._ask(k, asked)
+            if len(self.ctx.replayed) > replayed_before:
+                self._replayed_rounds.add(k)
             messages.append(reply.message())
             if not reply.tool_calls:
                 return reply.content
@@ -175,12 +181,15 @@ class ToolLoop:
         """Run a reply's calls: consecutive read-only calls together, any other call alone."""
         records = _record_names(f"{self.base}/r{k}/call", calls)
         results: list[ToolResult] = []
+        replayed = k in self._replayed_rounds
         for group in _partition(calls, self._safety):
             if len(group) == 1:
-                outcomes: list[ToolResult | _Pending] = [await self._call(records[group[0]], calls[group[0]])]
+                outcomes: list[ToolResult | _Pending] = [
+                    await self._call(records[group[0]], calls[group[0]], replayed)
+                ]
             else:
                 limit = asyncio.Semaphore(self.config.max_concurrency)
-                outcomes = await _all([self._bounded(limit, records[i], calls[i]) for i in group])
+                outcomes = await _all([self._bounded(limit, records[i], calls[i], replayed) for i in group])
             pending = [o for o in outcomes if isinstance(o, _Pending)]
             if pending:
                 # Later calls wait: an exclusive call must not overlap one still running elsewhere.
@@ -188,16 +197,18 @@ class ToolLoop:
             results.extend(o for o in outcomes if isinstance(o, ToolResult))
         return results
 
-    async def _bounded(self, limit: asyncio.Semaphore, record: str, call: ToolCall) -> ToolResult | _Pending:
+    async def _bounded(
+        self, limit: asyncio.Semaphore, record: str, call: ToolCall, replayed: bool
+    ) -> ToolResult | _Pending:
         async with limit:
-            return await self._call(record, call)
+            return await self._call(record, call, replayed)
 
     def _safety(self, call: ToolCall) -> ToolSafety:
         if not self.tools.knows(call.name):
             return ToolSafety.EXCLUSIVE
         return self.tools.safety_of(call.name)
 
-    async def _call(self, record: str, call: ToolCall) -> ToolResult | _Pending:
+    async def _call(self, record: str, call: ToolCall, replayed: bool = False) -> ToolResult | _Pending:
         ctx = self.ctx
         invocation = ToolInvocation.of(ctx.case.case_key, ctx._stage_prefix + record)
         attrs = {
@@ -208,7 +219,7 @@ class ToolLoop:
         }
 
         async def answer() -> ToolResult:
-            result = await self._answer(call, invocation)
+            result = await self._answer(call, invocation, replayed)
             if result.call_id != call.id:
                 result = result.model_copy(update={"call_id": call.id})
             return result
@@ -218,12 +229,18 @@ class ToolLoop:
         except _Pending as pending:
             return pending
 
-    async def _answer(self, call: ToolCall, invocation: ToolInvocation) -> ToolResult:
+    async def _answer(self, call: ToolCall, invocation: ToolInvocation, replayed: bool) -> ToolResult:
         if not self.tools.knows(call.name):
             return error_result(call, f"unknown tool: {call.name}")
         waited = await self._awaited_result(call, invocation)
         if waited is not None:
             return waited
+        if replayed:
+            # An earlier run may have sent this call and died before recording its result; a
+            # result that came meanwhile is an event on the call id: take it, do not run it again.
+            earlier = await self._recorded_result(call, invocation)
+            if earlier is not None:
+                return earlier
         try:
             return await self.tools.executor.execute(
                 call, timeout_s=self.config.tool_timeout_s, invocation=invocation
@@ -231,6 +248,23 @@ class ToolLoop:
         except ToolCallPending as pending:
             wake_at = await self.ctx._deadline(_wait_name(invocation), pending.wait_s)
             raise _Pending(_predicate(invocation), wake_at) from None
+
+    async def _recorded_result(self, call: ToolCall, invocation: ToolInvocation) -> ToolResult | None:
+        ctx = self.ctx
+        event = await _guard(
+            ctx._run.stores.events.next_after(
+                TOOL_RESULT_RESOURCE, invocation.call_id, after_seq=0, not_before=ctx.case.created_at
+            )
+        )
+        if event is None:
+            return None
+        try:
+            return TOOL_CALL_RESULT_ADAPTER.validate_python(event.payload).result
+        except ValidationError as exc:
+            log.warning(
+                "case %s: malformed tool result event for %s: %s", ctx.case.case_key, invocation.step, exc
+            )
+            return error_result(call, f"tool {call.name} answered with a malformed result")
 
     async def _awaited_result(self, call: ToolCall, invocation: ToolInvocation) -> ToolResult | None:
         """For a call already sent and awaited as an event: its result, an error past its deadline,
@@ -240,17 +274,9 @@ class ToolLoop:
         timer = ctx._journal.records.get((wait, ctx._generation[wait]))
         if timer is None:
             return None
-        event = await _guard(
-            ctx._run.stores.events.next_after(
-                TOOL_RESULT_RESOURCE, invocation.call_id, after_seq=0, not_before=ctx.case.created_at
-            )
-        )
-        if event is not None:
-            try:
-                return TOOL_CALL_RESULT_ADAPTER.validate_python(event.payload).result
-            except ValidationError as exc:
-                log.warning("case %s: malformed tool result event for %s: %s", ctx.case.case_key, wait, exc)
-                return error_result(call, f"tool {call.name} answered with a malformed result")
+        recorded = await self._recorded_result(call, invocation)
+        if recorded is not None:
+            return recorded
         wake_at = datetime.fromisoformat(_decode(timer)["fire_at"])
         if ctx._run.clock.now() >= wake_at:
             return error_result(call, f"tool {call.name}: no result arrived before the deadline")
