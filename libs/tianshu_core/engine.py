@@ -32,6 +32,7 @@ from .errors import (
     TianshuError,
     UnknownWorkflowError,
 )
+from .logs import current_case
 from .models import (
     Case,
     CaseFilter,
@@ -284,6 +285,13 @@ class Engine:
         )
 
     async def _run_traced(self, lease: Lease, fresh: bool) -> RunReport:
+        token = current_case.set(lease.case.case_key)  # log records name the case
+        try:
+            return await self._run_logged(lease, fresh)
+        finally:
+            current_case.reset(token)
+
+    async def _run_logged(self, lease: Lease, fresh: bool) -> RunReport:
         case, stores = lease.case, self.stores
         entries: Sequence[JournalEntry]
         if fresh:

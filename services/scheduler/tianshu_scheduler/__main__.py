@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 
 from tianshu_core import TianshuError
 from tianshu_core.bus import NatsSettings
+from tianshu_core.logs import configure_logging
 
 from .loader import load_workflows
 from .service import Scheduler
@@ -31,10 +31,7 @@ async def _main() -> int:
 
 def main() -> int:
     """Entry point of the `tianshu-scheduler` console script."""
-    logging.basicConfig(
-        level=os.environ.get("TIANSHU_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     try:
         return asyncio.run(_main())
     except TianshuError as exc:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from tianshu_core import TianshuError
 from tianshu_core.bus import NatsSettings
+from tianshu_core.logs import configure_logging
 
 from .loader import load_tools
 from .service import ToolRunner
@@ -43,10 +44,7 @@ async def _main() -> int:
 
 def main() -> int:
     """Entry point of the `tianshu-tool-runner` console script."""
-    logging.basicConfig(
-        level=os.environ.get("TIANSHU_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     try:
         return asyncio.run(_main())
     except TianshuError as exc:
