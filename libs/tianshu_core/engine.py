@@ -424,7 +424,11 @@ class Engine:
                 cursor = ctx._journal.cursors[(p.resource_type, p.resource_id)]
                 ready = (
                     await self.stores.events.next_after(
-                        p.resource_type, p.resource_id, after_seq=cursor, not_before=case.created_at
+                        p.resource_type,
+                        p.resource_id,
+                        after_seq=cursor,
+                        not_before=case.created_at,
+                        settled=True,
                     )
                     is not None
                 )

@@ -392,7 +392,13 @@ class InMemoryEventStore:
         return event, True, woken
 
     async def next_after(
-        self, resource_type: str, resource_id: str, *, after_seq: int, not_before: datetime
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        after_seq: int,
+        not_before: datetime,
+        settled: bool = False,  # noqa: ARG002 - one event loop: no publish is ever in flight
     ) -> Event | None:
         for event in self._db.events:
             if (

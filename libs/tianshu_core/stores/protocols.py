@@ -158,9 +158,20 @@ class EventStore(Protocol):
         ...
 
     async def next_after(
-        self, resource_type: str, resource_id: str, *, after_seq: int, not_before: datetime
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        after_seq: int,
+        not_before: datetime,
+        settled: bool = False,
     ) -> Event | None:
-        """The oldest event on the resource with seq > after_seq published at or after not_before."""
+        """The oldest event on the resource with seq > after_seq published at or after not_before.
+
+        With `settled`, first wait for publishes of this resource that are in flight to commit:
+        a case that has just stored its wait looks once more this way, and either sees such an
+        event or its publisher (which wakes after it stores) sees the wait.
+        """
         ...
 
     async def purge_before(self, cutoff: datetime) -> int: ...

@@ -5,10 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from asyncpg import Record
+
 from ...models import Event
 from ._backend import Conn, PgBackend
 from ._codec import dump, load
 
+# The lock tianshu_publish_event takes (migration 0001), held by a publish until it commits.
+_PUBLISH_LOCK = "SELECT pg_advisory_xact_lock(1953067880, hashtext($1 || '/' || $2))"
 _NEXT_AFTER = """
 SELECT seq, event_id, payload::text, published_at FROM tianshu_events
 WHERE resource_type = $1 AND resource_id = $2 AND seq > $3 AND published_at >= $4
@@ -102,12 +106,33 @@ class PostgresEventStore:
         return await self._db.run(f"event {function}", op, idempotent=event_id is not None)
 
     async def next_after(
-        self, resource_type: str, resource_id: str, *, after_seq: int, not_before: datetime
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        after_seq: int,
+        not_before: datetime,
+        settled: bool = False,
     ) -> Event | None:
-        """The oldest event on the resource with seq > after_seq published at or after not_before."""
-        row = await self._db.fetchrow(
-            "event next_after", _NEXT_AFTER, resource_type, resource_id, after_seq, not_before
-        )
+        """The oldest event on the resource with seq > after_seq published at or after not_before.
+
+        `settled`: take the resource's publish lock first (the one `tianshu_publish_event` holds
+        until it commits), then read with a fresh snapshot. A publish-and-wake that looked for
+        waits before our wait was stored commits its event before we read; one that starts after
+        sees our wait. Either way the case is not left waiting on an event that already came.
+        """
+        if not settled:
+            row = await self._db.fetchrow(
+                "event next_after", _NEXT_AFTER, resource_type, resource_id, after_seq, not_before
+            )
+        else:
+
+            async def op(conn: Conn, _attempt: int) -> Record | None:
+                async with conn.transaction():
+                    await conn.execute(_PUBLISH_LOCK, resource_type, resource_id)
+                    return await conn.fetchrow(_NEXT_AFTER, resource_type, resource_id, after_seq, not_before)
+
+            row = await self._db.run("event next_after settled", op)
         if row is None:
             return None
         return Event(row[0], resource_type, resource_id, load(row[2]), row[1], row[3])
