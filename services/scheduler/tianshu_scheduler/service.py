@@ -184,6 +184,9 @@ class Scheduler:
         ]
         for responder in responders:
             await responder.start()
+        # Readiness means requests are answered: make sure the server has our subscriptions
+        # before the ready file appears (a request sent just after could find no responders).
+        await nc.flush()
         for consumer in consumers:
             consumer.start()
         self._workers = [
