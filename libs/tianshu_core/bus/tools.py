@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -44,15 +43,12 @@ class NatsToolExecutor:
         hot_window_s: float = 5.0,
         default_timeout_s: float = 60.0,
         grace_s: float = 30.0,
-        recorded: Callable[[str], Awaitable[ToolResult | None]] | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
         self.hot_window_s = hot_window_s
         self.default_timeout_s = default_timeout_s
         self.grace_s = grace_s
-        # The result already recorded for a call id, if any (the scheduler reads its event store).
-        self._recorded = recorded
         self._waiting: dict[str, asyncio.Future[ToolCallResult]] = {}
         self._sub: Subscription | None = None
 
@@ -101,22 +97,10 @@ class NatsToolExecutor:
             self._waiting[invocation.call_id] = future
         try:
             try:
-                subject = subjects.tool_call(call.name)
-                ack = await publish(self._js, subject, request, msg_id=invocation.call_id)
+                await publish(self._js, subjects.tool_call(call.name), request, msg_id=invocation.call_id)
             except Exception as exc:
                 # NATS is out of reach: not the case's fault. The run is abandoned and retried.
                 raise StoreFailure(exc) from exc
-            if ack.duplicate and self._recorded is not None:
-                # Sent before: a replay after the scheduler that sent it died within the hot window
-                # (no wait recorded yet). Its result may have come, and been recorded, while no run
-                # awaited it; then nothing would resolve the future, and the case waited out the
-                # whole hot window before parking (found by tests/test_tool_service.py).
-                try:
-                    earlier = await self._recorded(invocation.call_id)
-                except Exception as exc:
-                    raise StoreFailure(exc) from exc
-                if earlier is not None:
-                    return earlier
             result = await asyncio.wait_for(asyncio.shield(future), min(self.hot_window_s, timeout + 1.0))
         except TimeoutError:
             # Park the case; the result wakes it whenever it comes, up to the tool's timeout and

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import asyncpg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from pydantic import BaseModel, JsonValue, ValidationError
+from pydantic import BaseModel, JsonValue
 
 from tianshu_contracts import (
     CASE_COMMAND_ADAPTER,
@@ -43,7 +43,6 @@ from tianshu_contracts import (
     WireError,
     subjects,
 )
-from tianshu_contracts.llm import ToolResult
 from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER, ToolCallResult
 from tianshu_core import (
     Case,
@@ -133,9 +132,7 @@ class Scheduler:
             )
         }
         # ctx.tool_step's registries run on the tool runners, over NATS.
-        self.tools = NatsToolExecutor(
-            nc, js, hot_window_s=s.scheduler_tool_hot_window_s, recorded=self._recorded_tool_result
-        )
+        self.tools = NatsToolExecutor(nc, js, hot_window_s=s.scheduler_tool_hot_window_s)
         await self.tools.start()
         engine.tool_executor = self.tools
         consumers: list[BatchConsumer[Any]] = [
@@ -387,21 +384,6 @@ class Scheduler:
         await engine.publish_event(
             TOOL_RESULT_RESOURCE, result.call_id, result.model_dump(mode="json"), event_id=result.call_id
         )
-
-    async def _recorded_tool_result(self, call_id: str) -> ToolResult | None:
-        """The result recorded for a call (by `_handle_tool_result`), if any: for a call re-sent by a
-        replay, whose result came while no run awaited it (found by tests/test_tool_service.py)."""
-        stores = self.stores
-        assert stores is not None
-        # The call was sent before within the calls stream's duplicate window: so was its result.
-        since = datetime.now(UTC) - timedelta(seconds=TianshuStreams().duplicate_window_s)
-        event = await stores.events.next_after(TOOL_RESULT_RESOURCE, call_id, after_seq=0, not_before=since)
-        if event is None:
-            return None
-        try:
-            return TOOL_CALL_RESULT_ADAPTER.validate_python(event.payload).result
-        except ValidationError:
-            return None  # the loop's own wait reports a malformed result to the model
 
     async def _handle_command(self, msg: CaseCommandMsg, delivery: Delivery) -> None:
         engine = self.engine
