@@ -12,6 +12,7 @@ from tianshu_core import (
     InvalidTokenError,
     PayloadTooLargeError,
     PollPredicate,
+    RunStatus,
     WaitTimeoutError,
     WorkflowContext,
     WorkflowRegistry,
@@ -268,3 +269,89 @@ def test_token_encoding_is_reversible_and_subject_safe(value: str) -> None:
     token = encode_token(value)
     assert decode_token(token) == value
     assert token and not any(c in token for c in ". *>\t\n")
+
+
+# -- a publish that takes the woken cases (the scheduler's wake path) -----------------------------
+
+
+class _CountingEvents:
+    """The event store, counting `next_after` lookups (a taken case should need none)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.lookups = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def next_after(self, *args: Any, **kwargs: Any) -> Any:
+        self.lookups += 1
+        return await self._inner.next_after(*args, **kwargs)
+
+
+async def test_a_taken_case_runs_under_its_lease_without_a_lookup(backend: Backend) -> None:
+    """`take`: the woken case comes back leased, with the event it consumes; running it under that
+    lease needs no acquire and no event lookup, and wake listeners are left to the caller."""
+    engine = backend.engine(awaiting_registry(times=2))
+    heard: list[str] = []
+    engine.add_wake_listener(heard.extend)
+    case = await engine.run_workflow("await", {"resource": "taken"})
+    for payload in ("one", "two"):
+        backend.clock.advance(1)
+        result = await engine.publish_event("order", "taken", payload, take=4)
+        assert result.woken == [case.case_key] and [t.case_key for t in result.taken] == [case.case_key]
+        counting = _CountingEvents(backend.stores.events)
+        engine.stores.events = counting
+        try:
+            report = await engine.run_case(case.case_key, lease=result.taken[0])
+        finally:
+            engine.stores.events = counting._inner
+        # After "one", the second wait looks for an event, then rechecks once stored; "two" needs none.
+        assert counting.lookups == (2 if payload == "one" else 0)
+        assert report.status is (RunStatus.WAITING if payload == "one" else RunStatus.FINISHED)
+    assert heard == []
+    assert (await engine.get_case(case.case_key)).output == ["one", "two"]
+
+
+async def test_a_taken_case_gets_the_oldest_event_it_has_not_consumed(backend: Backend) -> None:
+    """Two events before the case runs: the first publish's take holds the case, the second wakes
+    nothing; the run consumes both in order (its lookahead is the first, the second is looked up)."""
+    engine = backend.engine(awaiting_registry(times=2))
+    case = await engine.run_workflow("await", {"resource": "two"})
+    backend.clock.advance(1)
+    first = await engine.publish_event("order", "two", "one", take=1)
+    second = await engine.publish_event("order", "two", "two", take=1)
+    assert [t.case_key for t in first.taken] == [case.case_key] and second.woken == []
+    await engine.run_case(case.case_key, lease=first.taken[0])
+    assert (await engine.get_case(case.case_key)).output == ["one", "two"]
+
+
+async def test_a_stale_lookahead_is_not_used(backend: Backend) -> None:
+    """A wait stored without its position (a row from before migration 0004 reads after_seq 0) must
+    not make the case consume again an event it has already consumed."""
+    engine = backend.engine(awaiting_registry(times=2))
+    case = await engine.run_workflow("await", {"resource": "stale"})
+    backend.clock.advance(1)
+    await engine.publish_event("order", "stale", "one")
+    await engine.run_until_idle()
+    waits = await backend.stores.waits.for_case(case.case_key)
+    assert len(waits) == 1
+    await backend.stores.waits.replace(case.case_key, waits)  # position lost: after_seq 0
+    result = await engine.publish_event("order", "stale", "two", take=1)
+    lookahead = result.taken[0].lookahead
+    assert lookahead is not None and lookahead.after_seq == 0 and lookahead.event is not None
+    assert lookahead.event.payload == "one"  # what a blind use would hand the workflow again
+    await engine.run_case(case.case_key, lease=result.taken[0])
+    assert (await engine.get_case(case.case_key)).output == ["one", "two"]
+
+
+async def test_run_case_refuses_a_lease_on_another_case(backend: Backend) -> None:
+    engine = backend.engine(awaiting_registry())
+    a = await engine.run_workflow("await", {"resource": "mine"})
+    backend.clock.advance(1)
+    result = await engine.publish_event("order", "mine", 1, take=1)
+    with pytest.raises(ValueError, match="cannot run case"):
+        await engine.run_case("someone-else", lease=result.taken[0])
+    await engine.release(result.taken[0])
+    await engine.run_until_idle()
+    assert (await engine.get_case(a.case_key)).output == [1]

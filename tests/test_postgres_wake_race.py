@@ -25,7 +25,8 @@ async def test_a_settled_look_waits_for_an_in_flight_publish(pg_migrated_url: st
         await publishing.start()
         # A publish-and-wake in flight: its event is stored but not committed, its lock held.
         await publisher.fetchrow(
-            "SELECT * FROM tianshu_publish_and_wake('order', $1, '{\"n\": 1}'::jsonb, NULL, $2, $3)",
+            "SELECT * FROM tianshu_publish_wake_take("
+            "'order', $1, '{\"n\": 1}'::jsonb, NULL, $2, $3, 'me', 30, 8)",
             resource,
             datetime.now(UTC),
             since,

@@ -4,7 +4,7 @@ A waiting case is a row in Postgres, not a task or an object in the scheduler: a
 100 cases, bringing 9,900 more to waiting through the scheduler process must not grow its RSS by
 more than 50 MB. And the lookups a wake makes are index scans on their own indexes with 10,000
 waits stored, planned by Postgres with its default settings (not the `enable_seqscan=off` the
-engine's pool sets): the statements inside `tianshu_publish_and_wake` (the engine's wake, captured
+engine's pool sets): the statements inside `tianshu_publish_wake_take` (the engine's wake, captured
 with auto_explain), `PostgresWaitStore.cases_waiting_on` and `PostgresEventStore.next_after`
 (the SQL recorded from the stores themselves, EXPLAINed as custom and as generic plans).
 """
@@ -394,7 +394,7 @@ async def test_next_after_is_an_index_lookup(
 
 
 class _CallRecorder:
-    """Records the statement `publish_and_wake` sends (the call of `tianshu_publish_and_wake`)."""
+    """Records the statement `publish_and_wake` sends (the call of `tianshu_publish_wake_take`)."""
 
     def __init__(self) -> None:
         self.sql: str | None = None
@@ -402,9 +402,10 @@ class _CallRecorder:
 
     async def run(self, _what: str, op: Any, **_kw: Any) -> Any:
         class Conn:
-            async def fetchrow(conn_self, sql: str, *args: Any) -> list[Any]:  # noqa: N805
+            async def fetch(conn_self, sql: str, *args: Any) -> list[dict[str, Any]]:  # noqa: N805
                 self.sql, self.args = sql, args
-                return [1, "null", NOW, False, []]
+                head = {"out_seq": 1, "out_payload": "null", "out_published_at": NOW, "out_created": False}
+                return [{**head, "out_woken": []}]
 
         return await op(Conn(), 1)
 
@@ -419,6 +420,9 @@ async def nested_plans(
     def on_notice(_conn: Any, message: Any) -> None:
         notices.append(str(message.message))
 
+    # asyncpg reads the types of the result (a composite among them) with queries of its own; let
+    # it do so before auto_explain listens.
+    await conn.prepare(sql)
     conn.add_log_listener(on_notice)
     try:
         async with conn.transaction():
@@ -462,9 +466,10 @@ class _RollbackError(Exception):
 async def test_the_wake_inside_publish_and_wake_is_an_index_lookup(
     plain_conn: asyncpg.Connection[asyncpg.Record], resource_id: str, waiters: int, generic: bool
 ) -> None:
-    """The engine wakes through `tianshu_publish_and_wake` (migration 0002): the plans of the
+    """The engine wakes through `tianshu_publish_wake_take` (migration 0004): the plans of the
     statements inside it, as Postgres runs them, find the waiters through the resource index, and
-    the cases and waits they move by key. With a thousand waiters (a tenth of all) the custom plan
+    the cases and waits they move by key; the lease it takes, the journal and the next event it
+    reads are index lookups too. With a thousand waiters (a tenth of all) the custom plan
     may instead read tianshu_cases and tianshu_waits whole for the UPDATE/DELETE by key (a hash join,
     cheaper than 1,000 key lookups at this size); finding who waits stays an index lookup."""
     recorder = _CallRecorder()
@@ -475,8 +480,10 @@ async def test_the_wake_inside_publish_and_wake_is_an_index_lookup(
         event_id=f"plan-{uuid.uuid4().hex}",
         published_at=NOW,
         dedupe_since=RETENTION_START,
+        take=1,
+        owner="plan-test",
     )
-    assert recorder.sql is not None and "tianshu_publish_and_wake" in recorder.sql
+    assert recorder.sql is not None and "tianshu_publish_wake_take" in recorder.sql
     plans = await nested_plans(plain_conn, recorder.sql, recorder.args, generic=generic)
     texts = [p.get("Query Text", "")[:80] for p in plans]
     wake = [p for p in plans if "FROM tianshu_waits" in p.get("Query Text", "")]

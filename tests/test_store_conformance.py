@@ -617,10 +617,10 @@ async def test_publish_and_wake_moves_waiting_cases_and_drops_their_waits(stores
     for case in (waiting, running):
         await stores.cases.insert(case)
         await stores.waits.replace(case.case_key, [pred])
-    event, new, woken = await stores.events.publish_and_wake(
+    event, new, woken, taken = await stores.events.publish_and_wake(
         "order", resource, {"n": 1}, event_id="e1", published_at=NOW, dedupe_since=NOW - timedelta(days=1)
     )
-    assert (new, woken, event.payload) == (True, [waiting.case_key], {"n": 1})
+    assert (new, woken, taken, event.payload) == (True, [waiting.case_key], [], {"n": 1})
     moved = await stores.cases.get_by_key(waiting.case_key)
     assert moved is not None and moved.execution_state is ExecutionState.RUNNING
     assert await stores.waits.for_case(waiting.case_key) == []
@@ -628,7 +628,88 @@ async def test_publish_and_wake_moves_waiting_cases_and_drops_their_waits(stores
     again = await stores.events.publish_and_wake(
         "order", resource, {"n": 1}, event_id="e1", published_at=NOW, dedupe_since=NOW - timedelta(days=1)
     )
-    assert again[1:] == (False, [])
+    assert again[1:] == (False, [], [])
+
+
+async def test_publish_and_wake_takes_leases_with_journal_and_the_next_event(stores: Stores) -> None:
+    """`take`: the first woken cases (by key) come back leased, each with its journal and the
+    event it consumes next after the `after` its wait was stored with; the rest are only woken."""
+    resource = uid("res")
+    pred = PollPredicate(resource_type="order", resource_id=resource, step_name="w")
+    since = NOW - timedelta(days=1)
+    first, _ = await stores.events.publish(
+        "order", resource, {"n": 1}, event_id=None, published_at=NOW, dedupe_since=since
+    )
+    # a: has seen nothing (gets the older event); b: has consumed it (gets the new one); c: woken only.
+    a, b, c = (
+        make_case(case_key=f"{uid('k')}-{tag}", execution_state=ExecutionState.WAITING) for tag in "abc"
+    )
+    a.case_key, b.case_key, c.case_key = sorted((a.case_key, b.case_key, c.case_key))
+    for case in (a, b, c):
+        lease = await stores.leases.create_leased(case, "old", 30)
+        assert lease is not None
+        await stores.journal.append(entry(case.case_key, 1, lease.token, name="before"))
+        await stores.leases.release(lease)
+    await stores.waits.replace(a.case_key, [pred])
+    await stores.waits.replace(b.case_key, [pred], {("order", resource): first.seq})
+    await stores.waits.replace(c.case_key, [pred], {("order", resource): first.seq})
+    event, new, woken, taken = await stores.events.publish_and_wake(
+        "order",
+        resource,
+        {"n": 2},
+        event_id=None,
+        published_at=NOW,
+        dedupe_since=since,
+        take=2,
+        owner="me",
+        ttl=30,
+    )
+    assert new and woken == [a.case_key, b.case_key, c.case_key]
+    assert [(t.case_key, t.owner, t.token) for t in taken] == [(a.case_key, "me", 2), (b.case_key, "me", 2)]
+    for lease in taken:
+        assert lease.case.execution_state is ExecutionState.RUNNING
+        assert [e.name for e in lease.journal or []] == ["before"]
+    lookahead = [(t.lookahead.after_seq, t.lookahead.event) for t in taken if t.lookahead is not None]
+    assert lookahead == [(0, first), (first.seq, event)]
+    assert event.payload == {"n": 2}
+    # The taken leases are held (fenced writes work, others cannot acquire); c is free to run.
+    await stores.journal.append(entry(a.case_key, 2, taken[0].token))
+    assert await stores.leases.acquire(a.case_key, "other", 30) is None
+    assert await stores.leases.acquire(c.case_key, "other", 30) is not None
+
+
+async def test_publish_and_wake_takes_no_lease_that_is_held(stores: Stores) -> None:
+    """A woken case whose lease someone holds is woken but not taken; a repeat takes nothing."""
+    resource = uid("res")
+    pred = PollPredicate(resource_type="order", resource_id=resource, step_name="w")
+    case = make_case(execution_state=ExecutionState.WAITING)
+    held = await stores.leases.create_leased(case, "holder", 30)
+    assert held is not None
+    await stores.waits.replace(case.case_key, [pred])
+    since = NOW - timedelta(days=1)
+    _, new, woken, taken = await stores.events.publish_and_wake(
+        "order", resource, None, event_id="x", published_at=NOW, dedupe_since=since, take=5, owner="me"
+    )
+    assert (new, woken, taken) == (True, [case.case_key], [])
+    await stores.waits.replace(case.case_key, [pred])
+    again = await stores.events.publish_and_wake(
+        "order", resource, None, event_id="x", published_at=NOW, dedupe_since=since, take=5, owner="me"
+    )
+    assert again[1:] == (False, [], [])
+
+
+async def test_lookahead_respects_the_case_creation_time(stores: Stores) -> None:
+    """An event published before the case was created is not its next event, on a take too."""
+    resource = uid("res")
+    pred = PollPredicate(resource_type="order", resource_id=resource, step_name="w")
+    case = make_case(at=60, execution_state=ExecutionState.WAITING)
+    await stores.cases.insert(case)
+    await stores.waits.replace(case.case_key, [pred])
+    _, _, woken, taken = await stores.events.publish_and_wake(
+        "order", resource, 1, event_id=None, published_at=NOW, dedupe_since=NOW, take=1, owner="me"
+    )
+    assert woken == [case.case_key] and len(taken) == 1
+    assert taken[0].lookahead is not None and taken[0].lookahead.event is None
 
 
 async def test_journal_append_many_is_all_durable_and_fenced_per_entry(stores: Stores) -> None:

@@ -371,14 +371,16 @@ class WorkflowContext:
 
     async def _consume(self, name: str, resource_type: str, resource_id: str) -> Any | None:
         key = (resource_type, resource_id)
-        event = await _guard(
-            self._run.stores.events.next_after(
-                resource_type,
-                resource_id,
-                after_seq=self._journal.cursors[key],
-                not_before=self.case.created_at,
+        cursor = self._journal.cursors[key]
+        ahead = self._run.lookahead
+        if ahead is not None and (ahead.resource_type, ahead.resource_id, ahead.after_seq) == (*key, cursor):
+            event = ahead.event  # read with the lease, as the event woke this case
+        else:
+            event = await _guard(
+                self._run.stores.events.next_after(
+                    resource_type, resource_id, after_seq=cursor, not_before=self.case.created_at
+                )
             )
-        )
         if event is None:
             return None
         record = {

@@ -37,6 +37,7 @@ from .models import (
     Case,
     CaseFilter,
     Event,
+    EventLookahead,
     ExecutionState,
     JournalEntry,
     JournalKind,
@@ -127,11 +128,16 @@ class RunReport:
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """A published event, whether it was new (not a repeat of its id), and the cases it woke."""
+    """A published event, whether it was new (not a repeat of its id), and the cases it woke.
+
+    `taken`: those of the woken cases whose leases the publish took for this engine (see
+    `Engine.publish_event`'s `take`); run each with `Engine.run_case(key, lease=...)`.
+    """
 
     event: Event
     new: bool
     woken: list[str]
+    taken: list[Lease] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -145,6 +151,7 @@ class CaseRun:
     clock: Clock
     config: EngineConfig
     tool_executor: ToolExecutor | None = None
+    lookahead: EventLookahead | None = None
 
 
 class Engine:
@@ -265,11 +272,15 @@ class Engine:
 
     # -- the heart ----------------------------------------------------------------------------
 
-    async def run_case(self, case_key: str) -> RunReport:
-        """Run a case once if its lease is free and it is active."""
-        lease = await self.stores.leases.acquire(case_key, self.config.owner, self.config.lease_ttl)
+    async def run_case(self, case_key: str, *, lease: Lease | None = None) -> RunReport:
+        """Run a case once if its lease is free and it is active; with `lease` (one this engine
+        holds on the case, from `publish_event`'s `taken`), run it under that lease."""
         if lease is None:
-            return RunReport(case_key, RunStatus.SKIPPED, None)
+            lease = await self.stores.leases.acquire(case_key, self.config.owner, self.config.lease_ttl)
+            if lease is None:
+                return RunReport(case_key, RunStatus.SKIPPED, None)
+        elif lease.case_key != case_key:
+            raise ValueError(f"a lease on case {lease.case_key!r} cannot run case {case_key!r}")
         return await self._run_leased(lease, fresh=False)
 
     async def _run_leased(self, lease: Lease, *, fresh: bool) -> RunReport:
@@ -300,7 +311,16 @@ class Engine:
             entries = lease.journal
         else:
             entries = await stores.journal.load(case.case_key)
-        run = CaseRun(case, lease.token, stores, self.registry, self.clock, self.config, self.tool_executor)
+        run = CaseRun(
+            case,
+            lease.token,
+            stores,
+            self.registry,
+            self.clock,
+            self.config,
+            self.tool_executor,
+            lease.lookahead,
+        )
         ctx = WorkflowContext(run, entries)
         heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
         try:
@@ -334,6 +354,11 @@ class Engine:
             await self._release_quietly(lease)
             return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
         return RunReport(case.case_key, status, case, ctx.executed, ctx.replayed)
+
+    async def release(self, lease: Lease) -> None:
+        """Hand back a lease this engine holds without running its case (say, one a wake took
+        for it that it will not run); a failure is logged, and the lease then expires by itself."""
+        await self._release_quietly(lease)
 
     async def _release_quietly(self, lease: Lease) -> None:
         try:
@@ -391,7 +416,15 @@ class Engine:
             case.output = output
             status = RunStatus.FINISHED
         elif isinstance(result, Waiting):
-            await stores.waits.replace(case.case_key, result.predicates)
+            cursors = ctx._journal.cursors
+            await stores.waits.replace(
+                case.case_key,
+                result.predicates,
+                {
+                    (p.resource_type, p.resource_id): cursors[(p.resource_type, p.resource_id)]
+                    for p in result.predicates
+                },
+            )
             case.execution_state = ExecutionState.WAITING
             status = RunStatus.WAITING
         else:
@@ -452,11 +485,22 @@ class Engine:
     # -- events -------------------------------------------------------------------------------
 
     async def publish_event(
-        self, resource_type: str, resource_id: str, payload: Any = None, *, event_id: str | None = None
+        self,
+        resource_type: str,
+        resource_id: str,
+        payload: Any = None,
+        *,
+        event_id: str | None = None,
+        take: int | None = None,
     ) -> PublishResult:
         """Store an event on (resource_type, resource_id) and wake every case waiting on it.
 
         Repeating an `event_id` within the event retention stores and wakes nothing.
+        `take`: lease up to this many of the woken cases to this engine in the same round trip,
+        each with its journal and the event it consumes next (`PublishResult.taken`); the caller
+        runs them with `run_case(key, lease=...)`, saving each an acquire and an event lookup.
+        With `take` given (0 included), the caller runs the other woken cases too (`woken`): wake
+        listeners are not told of this publish, so that the caller can start the taken ones first.
         """
         require_plain(resource_type, "resource type")
         size = len(serde.dumps(payload))
@@ -467,18 +511,21 @@ class Engine:
         now = self.clock.now()
 
         async def publish() -> PublishResult:
-            event, new, woken = await self.stores.events.publish_and_wake(
+            event, new, woken, taken = await self.stores.events.publish_and_wake(
                 resource_type,
                 resource_id,
                 payload,
                 event_id=event_id,
                 published_at=now,
                 dedupe_since=now - self.config.event_retention,
+                take=take or 0,
+                owner=self.config.owner,
+                ttl=self.config.lease_ttl,
             )
-            if woken:
+            if woken and take is None:
                 for listener in self._wake_listeners:
                     listener(woken)
-            return PublishResult(event, new, woken)
+            return PublishResult(event, new, woken, taken)
 
         return await in_span(
             "tianshu.publish_event", {"tianshu.resource": f"{resource_type}/{resource_id}"}, publish

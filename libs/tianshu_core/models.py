@@ -151,6 +151,19 @@ class Lease:
     case: Case = field(compare=False)
     journal: list[JournalEntry] | None = field(default=None, compare=False)
     """The case's journal as of the acquisition, when the store read it in the same trip."""
+    lookahead: EventLookahead | None = field(default=None, compare=False)
+    """For a case taken as an event woke it: the event it consumes next on that resource."""
+
+
+@dataclass(slots=True, frozen=True)
+class EventLookahead:
+    """The oldest event on a resource after `after_seq` (None: there is none), read while no
+    publish on the resource was in flight: what `next_after(after_seq)` returns from then on."""
+
+    resource_type: str
+    resource_id: str
+    after_seq: int
+    event: Event | None
 
 
 @dataclass(slots=True, frozen=True)

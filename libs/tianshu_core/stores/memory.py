@@ -6,7 +6,7 @@ import asyncio
 import builtins
 import itertools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,6 +17,7 @@ from ..models import (
     Case,
     CaseFilter,
     Event,
+    EventLookahead,
     ExecutionState,
     JournalEntry,
     Lease,
@@ -50,6 +51,7 @@ class _Db:
         self.state: dict[tuple[str, str], StateEntry] = {}
         self.session_state: dict[tuple[str, str], SessionStateEntry] = {}
         self.waits: dict[str, list[PollPredicate]] = {}
+        self.wait_after: dict[str, dict[tuple[str, str], int]] = {}
         self.events: list[Event] = []
         self.event_seq = itertools.count(1)
         self.timers: dict[tuple[str, str], Timer] = {}
@@ -62,6 +64,17 @@ class _Db:
     def lease_free(self, case_key: str) -> bool:
         row = self.leases.get(case_key)
         return row is None or row.expires_at is None or row.expires_at < self.clock.now()
+
+    def grant(self, case_key: str, owner: str, ttl: float) -> Lease:
+        row = self.leases.setdefault(case_key, _LeaseRow())
+        row.owner = owner
+        row.token += 1
+        row.expires_at = self.clock.now() + timedelta(seconds=ttl)
+        return Lease(case_key, owner, row.token, _copy(self.cases[case_key]))
+
+    def drop_waits(self, case_key: str) -> None:
+        self.waits.pop(case_key, None)
+        self.wait_after.pop(case_key, None)
 
 
 def _copy(case: Case) -> Case:
@@ -182,7 +195,7 @@ class InMemoryCaseStore:
         db.leases.pop(case_key, None)
         db.journal.pop(case_key, None)
         db.journal_seqs.pop(case_key, None)
-        db.waits.pop(case_key, None)
+        db.drop_waits(case_key)
         for key in [k for k in db.state if k[0] == case_key]:
             del db.state[key]
         for key in [k for k in db.timers if k[0] == case_key]:
@@ -193,23 +206,16 @@ class InMemoryLeaseStore:
     def __init__(self, db: _Db) -> None:
         self._db = db
 
-    def _grant(self, case_key: str, owner: str, ttl: float) -> Lease:
-        row = self._db.leases.setdefault(case_key, _LeaseRow())
-        row.owner = owner
-        row.token += 1
-        row.expires_at = self._db.clock.now() + timedelta(seconds=ttl)
-        return Lease(case_key, owner, row.token, _copy(self._db.cases[case_key]))
-
     async def acquire(self, case_key: str, owner: str, ttl: float) -> Lease | None:
         if case_key not in self._db.cases or not self._db.lease_free(case_key):
             return None
-        return self._grant(case_key, owner, ttl)
+        return self._db.grant(case_key, owner, ttl)
 
     async def create_leased(self, case: Case, owner: str, ttl: float) -> Lease | None:
         if case.case_key in self._db.cases:
             return None
         self._db.cases[case.case_key] = _copy(case)
-        return self._grant(case.case_key, owner, ttl)
+        return self._db.grant(case.case_key, owner, ttl)
 
     async def renew(self, lease: Lease, ttl: float) -> bool:
         row = self._db.leases.get(lease.case_key)
@@ -308,11 +314,16 @@ class InMemoryWaitStore:
     def __init__(self, db: _Db) -> None:
         self._db = db
 
-    async def replace(self, case_key: str, predicates: Sequence[PollPredicate]) -> None:
+    async def replace(
+        self,
+        case_key: str,
+        predicates: Sequence[PollPredicate],
+        after: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
+        self._db.drop_waits(case_key)
         if predicates:
             self._db.waits[case_key] = list(predicates)
-        else:
-            self._db.waits.pop(case_key, None)
+            self._db.wait_after[case_key] = dict(after or {})
 
     async def for_case(self, case_key: str) -> list[PollPredicate]:
         return list(self._db.waits.get(case_key, ()))
@@ -325,7 +336,7 @@ class InMemoryWaitStore:
         ]
 
     async def delete_by_case(self, case_key: str) -> None:
-        self._db.waits.pop(case_key, None)
+        self._db.drop_waits(case_key)
 
 
 class InMemoryEventStore:
@@ -364,7 +375,10 @@ class InMemoryEventStore:
         event_id: str | None,
         published_at: datetime,
         dedupe_since: datetime,
-    ) -> tuple[Event, bool, builtins.list[str]]:
+        take: int = 0,
+        owner: str = "",
+        ttl: float = 30.0,
+    ) -> tuple[Event, bool, builtins.list[str], builtins.list[Lease]]:
         event, new = await self.publish(
             resource_type,
             resource_id,
@@ -374,22 +388,36 @@ class InMemoryEventStore:
             dedupe_since=dedupe_since,
         )
         if not new:
-            return event, False, []
+            return event, False, [], []
         db = self._db
+        resource = (resource_type, resource_id)
         waiting = sorted(
             key
             for key, preds in db.waits.items()
-            if any(p.resource_type == resource_type and p.resource_id == resource_id for p in preds)
+            if any((p.resource_type, p.resource_id) == resource for p in preds)
         )
-        woken = []
+        woken: builtins.list[str] = []
+        after: dict[str, int] = {}
         for key in waiting:
             case = db.cases.get(key)
             if case is not None and case.execution_state is ExecutionState.WAITING:
                 case.execution_state = ExecutionState.RUNNING
                 case.updated_at = db.clock.now()
-                db.waits.pop(key, None)
+                after[key] = db.wait_after.get(key, {}).get(resource, 0)
+                db.drop_waits(key)
                 woken.append(key)
-        return event, True, woken
+        leases: builtins.list[Lease] = []
+        for key in woken[: max(0, take)]:
+            if not db.lease_free(key):
+                continue
+            lease = db.grant(key, owner, ttl)
+            following = await self.next_after(
+                resource_type, resource_id, after_seq=after[key], not_before=lease.case.created_at
+            )
+            journal = sorted(db.journal.get(key, ()), key=lambda e: e.seq)
+            lookahead = EventLookahead(resource_type, resource_id, after[key], following)
+            leases.append(Lease(key, owner, lease.token, lease.case, journal, lookahead))
+        return event, True, woken, leases
 
     async def next_after(
         self,

@@ -7,7 +7,7 @@ refuses it (`LeaseLostError`) once another holder has taken the case (fencing).
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -121,7 +121,16 @@ class StateStore(Protocol):
 class WaitStore(Protocol):
     """What each waiting case waits for, indexed by resource."""
 
-    async def replace(self, case_key: str, predicates: Sequence[PollPredicate]) -> None: ...
+    async def replace(
+        self,
+        case_key: str,
+        predicates: Sequence[PollPredicate],
+        after: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
+        """Make `predicates` the case's waits. `after`: per resource, the seq of the last event
+        the case consumed there (default 0); a wake's lookahead starts from it."""
+        ...
+
     async def for_case(self, case_key: str) -> list[PollPredicate]: ...
     async def cases_waiting_on(self, resource_type: str, resource_id: str) -> list[str]: ...
     async def delete_by_case(self, case_key: str) -> None: ...
@@ -152,9 +161,17 @@ class EventStore(Protocol):
         event_id: str | None,
         published_at: datetime,
         dedupe_since: datetime,
-    ) -> tuple[Event, bool, builtins.list[str]]:
+        take: int = 0,
+        owner: str = "",
+        ttl: float = 30.0,
+    ) -> tuple[Event, bool, builtins.list[str], builtins.list[Lease]]:
         """`publish`, then, if the event is new, move the cases waiting on its resource to
-        running and drop their waits: the keys woken. One round trip where the backend can."""
+        running and drop their waits: the keys woken. One round trip where the backend can.
+
+        With `take`, also lease up to `take` of the woken cases (in key order, those whose lease
+        is free) to `owner` for `ttl` seconds: each lease carries the case's journal and, as its
+        lookahead, the event the case consumes next on this resource (from the `after` its wait
+        was stored with). Every woken key is returned, the taken ones included."""
         ...
 
     async def next_after(

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
@@ -47,6 +47,8 @@ from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER, ToolCallResult
 from tianshu_core import (
     Case,
     Engine,
+    Lease,
+    PublishResult,
     RunStatus,
     Stores,
     TianshuError,
@@ -96,9 +98,12 @@ class Scheduler:
         self._workers: list[Stoppable] = []
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        # Leases a wake took for us (PublishResult.taken), waiting for their case's next run here.
+        self._taken: dict[str, Lease] = {}
         self._slots = asyncio.Semaphore(settings.scheduler_max_runs)
         self._stopping = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        self._chores: set[asyncio.Task[None]] = set()
         self.runs_done = 0
         self.tools: NatsToolExecutor
 
@@ -228,14 +233,32 @@ class Scheduler:
 
     # -- running cases ------------------------------------------------------------------------
 
-    def schedule(self, case_key: str) -> None:
-        """Run the case here soon; if it is running here already, run it once more after."""
+    def schedule(self, case_key: str, lease: Lease | None = None) -> None:
+        """Run the case here soon (under `lease`, if a wake took it for us); if it is running
+        here already, run it once more after."""
         if self._stopping.is_set():
+            if lease is not None:  # hand it back now rather than when its lease expires
+                self._background(self._release(lease))
             return
+        if lease is not None:
+            self._taken[case_key] = lease
         if case_key in self._runs:
             self._again.add(case_key)
             return
         self._runs[case_key] = asyncio.create_task(self._run(case_key), name=f"tianshu-case-{case_key}")
+
+    def _free_runs(self) -> int:
+        return max(0, self.settings.scheduler_max_runs - len(self._runs))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def _release(self, lease: Lease) -> None:
+        engine = self.engine
+        assert engine is not None
+        await engine.release(lease)
 
     def _on_woken(self, case_keys: Sequence[str]) -> None:
         for key in case_keys:
@@ -248,7 +271,7 @@ class Scheduler:
             async with self._slots:
                 while not self._stopping.is_set():
                     self._again.discard(case_key)
-                    report = await engine.run_case(case_key)
+                    report = await engine.run_case(case_key, lease=self._taken.pop(case_key, None))
                     self.runs_done += report.status is not RunStatus.SKIPPED
                     if report.status is RunStatus.CONTINUE or case_key in self._again:
                         continue
@@ -258,6 +281,9 @@ class Scheduler:
             log.exception("case %s: run failed", case_key)
         finally:
             self._runs.pop(case_key, None)
+            left = self._taken.pop(case_key, None)
+            if left is not None:  # cancelled (shutdown) or failed before it could run
+                await asyncio.shield(self._release(left))
 
     async def _sweep(self) -> None:
         """Fire due timers and adopt runnable cases nobody holds (their holder died)."""
@@ -367,13 +393,27 @@ class Scheduler:
         # Without a Nats-Msg-Id, the stream sequence still makes a redelivery a no-op.
         event_id = delivery.msg_id or _stream_msg_id(delivery)
         try:
-            await engine.publish_event(resource_type, resource_id, payload, event_id=event_id)
+            # The woken cases this replica has room for come back leased to it, journal and
+            # event included: they run at once, without an acquire and a lookup each.
+            published = await engine.publish_event(
+                resource_type, resource_id, payload, event_id=event_id, take=self._free_runs()
+            )
         except TianshuError as exc:
             if exc.retryable:
                 raise
             raise RejectMessage(exc) from exc
         except (asyncpg.DataError, TypeError) as exc:  # see _unstorable
             raise _unstorable(exc) from exc
+        self._run_woken(published)
+
+    def _run_woken(self, published: PublishResult) -> None:
+        """Run what a publish woke: the cases it took for us first, then the others."""
+        for lease in published.taken:
+            self.schedule(lease.case_key, lease)
+        taken = {lease.case_key for lease in published.taken}
+        for key in published.woken:
+            if key not in taken:
+                self.schedule(key)
 
     async def _handle_tool_result(self, result: ToolCallResult, _delivery: Delivery) -> None:
         """Record a tool result durably, keyed by its call id: an event on the call, which wakes a
@@ -381,9 +421,14 @@ class Scheduler:
         engine = self.engine
         assert engine is not None
         self.tools.resolve(result)
-        await engine.publish_event(
-            TOOL_RESULT_RESOURCE, result.call_id, result.model_dump(mode="json"), event_id=result.call_id
+        published = await engine.publish_event(
+            TOOL_RESULT_RESOURCE,
+            result.call_id,
+            result.model_dump(mode="json"),
+            event_id=result.call_id,
+            take=self._free_runs(),
         )
+        self._run_woken(published)
 
     async def _handle_command(self, msg: CaseCommandMsg, delivery: Delivery) -> None:
         engine = self.engine

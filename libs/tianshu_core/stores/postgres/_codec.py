@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from ... import serde
-from ...models import Case
+from ...models import Case, JournalEntry
 from ._backend import Record
 
 # Column order of a case row without its lease columns; `case_args` follows it.
@@ -99,3 +99,20 @@ def case_from_row(row: Record) -> Case:
             "updated_at": row["updated_at"],
         }
     )
+
+
+def journal_from_arrays(case_key: str, row: Record) -> list[JournalEntry]:
+    """A journal read as parallel arrays (`j_seq`, `j_kind`, ... of `tianshu_acquire` and
+    `tianshu_publish_wake_take`): one array per column, NULL when the journal is empty."""
+    return [
+        JournalEntry(case_key, seq, kind, name, data, token, created)
+        for seq, kind, name, data, token, created in zip(
+            row["j_seq"] or [],
+            row["j_kind"] or [],
+            row["j_name"] or [],
+            row["j_data"] or [],
+            row["j_token"] or [],
+            row["j_created"] or [],
+            strict=True,
+        )
+    ]

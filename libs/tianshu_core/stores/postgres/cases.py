@@ -7,9 +7,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...errors import LeaseLostError
-from ...models import Case, CaseFilter, ExecutionState, JournalEntry, Lease, Lifecycle
+from ...models import Case, CaseFilter, ExecutionState, Lease, Lifecycle
 from ._backend import Conn, PgBackend
-from ._codec import CASE_COLUMNS, CASE_SET, CASE_VALUES, RUN_SET, case_args, case_from_row
+from ._codec import (
+    CASE_COLUMNS,
+    CASE_SET,
+    CASE_VALUES,
+    RUN_SET,
+    case_args,
+    case_from_row,
+    journal_from_arrays,
+)
 
 _INSERT = f"""
 INSERT INTO tianshu_cases ({CASE_COLUMNS}) VALUES ({CASE_VALUES})
@@ -218,23 +226,7 @@ class PostgresLeaseStore:
         if row is None:
             return None
         case_row = row["c"]
-        seqs = row["j_seq"] or []
-        journal = (
-            [
-                JournalEntry(case_key, seq, kind, name, data, token, created)
-                for seq, kind, name, data, token, created in zip(
-                    seqs,
-                    row["j_kind"],
-                    row["j_name"],
-                    row["j_data"],
-                    row["j_token"],
-                    row["j_created"],
-                    strict=True,
-                )
-            ]
-            if seqs
-            else []
-        )
+        journal = journal_from_arrays(case_key, row)
         return Lease(case_key, owner, case_row["lease_token"], case_from_row(case_row), journal)
 
     async def create_leased(self, case: Case, owner: str, ttl: float) -> Lease | None:

@@ -7,9 +7,9 @@ from typing import Any
 
 from asyncpg import Record
 
-from ...models import Event
+from ...models import Event, EventLookahead, Lease
 from ._backend import Conn, PgBackend
-from ._codec import dump, load
+from ._codec import case_from_row, dump, journal_from_arrays, load
 
 # The lock tianshu_publish_event takes (migration 0001), held by a publish until it commits.
 _PUBLISH_LOCK = "SELECT pg_advisory_xact_lock(1953067880, hashtext($1 || '/' || $2))"
@@ -18,6 +18,45 @@ SELECT seq, event_id, payload::text, published_at FROM tianshu_events
 WHERE resource_type = $1 AND resource_id = $2 AND seq > $3 AND published_at >= $4
 ORDER BY seq LIMIT 1
 """
+_PUBLISH = (
+    "SELECT out_seq, out_payload::text, out_published_at, out_created "
+    "FROM tianshu_publish_event($1, $2, $3::jsonb, $4, $5, $6)"
+)
+_PUBLISH_WAKE_TAKE = """
+SELECT out_seq, out_payload::text AS out_payload, out_published_at, out_created, out_woken, out_case,
+       j_seq, j_kind, j_name, j_data, j_token, j_created, out_after_seq,
+       next_seq, next_event_id, next_payload::text AS next_payload, next_published_at
+FROM tianshu_publish_wake_take($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9)
+"""
+
+
+def _is_own_retry(
+    attempt: int, row_published_at: datetime, published_at: datetime, stored: Any, text: str
+) -> bool:
+    """Whether an event found (not created) is exactly ours, found by a retry: the first attempt
+    committed and its reply was lost. Only with an event id: without one, no publish is retried."""
+    return attempt > 1 and row_published_at == published_at and stored == load(text)
+
+
+def _taken_lease(row: Record, event: Event, owner: str) -> Lease:
+    """A lease row of `tianshu_publish_wake_take`: the case, its journal and its lookahead."""
+    case = case_from_row(row["out_case"])
+    key = case.case_key
+    journal = journal_from_arrays(key, row)
+    following: Event | None = None
+    if row["next_seq"] == event.seq:
+        following = event
+    elif row["next_seq"] is not None:
+        following = Event(
+            row["next_seq"],
+            event.resource_type,
+            event.resource_id,
+            load(row["next_payload"]),
+            row["next_event_id"],
+            row["next_published_at"],
+        )
+    lookahead = EventLookahead(event.resource_type, event.resource_id, row["out_after_seq"], following)
+    return Lease(key, owner, row["out_case"]["lease_token"], case, journal, lookahead)
 
 
 class PostgresEventStore:
@@ -45,10 +84,19 @@ class PostgresEventStore:
         dedupe_since: datetime,
     ) -> tuple[Event, bool]:
         """Store the event; with an id seen since `dedupe_since`, return that one and False."""
-        event, created, _ = await self._publish(
-            "tianshu_publish_event", resource_type, resource_id, payload, event_id, published_at, dedupe_since
-        )
-        return event, created
+        text = dump(payload)
+
+        async def op(conn: Conn, attempt: int) -> tuple[Event, bool]:
+            row = await conn.fetchrow(
+                _PUBLISH, resource_type, resource_id, text, event_id, published_at, dedupe_since
+            )
+            if row is None:  # the function always returns one row
+                raise RuntimeError("tianshu_publish_event returned no row")
+            stored = load(row[1])
+            created: bool = row[3] or _is_own_retry(attempt, row[2], published_at, stored, text)
+            return Event(row[0], resource_type, resource_id, stored, event_id, row[2]), created
+
+        return await self._db.run("event publish", op, idempotent=event_id is not None)
 
     async def publish_and_wake(
         self,
@@ -59,51 +107,46 @@ class PostgresEventStore:
         event_id: str | None,
         published_at: datetime,
         dedupe_since: datetime,
-    ) -> tuple[Event, bool, list[str]]:
-        """`publish` and wake the resource's waiting cases: one call of `tianshu_publish_and_wake`
-        (migration 0002), one commit. Retried like `publish`; a retry after a commit whose reply
-        was lost reports no woken keys, and the scheduler's sweep picks those cases up instead."""
-        return await self._publish(
-            "tianshu_publish_and_wake",
-            resource_type,
-            resource_id,
-            payload,
-            event_id,
-            published_at,
-            dedupe_since,
-        )
+        take: int = 0,
+        owner: str = "",
+        ttl: float = 30.0,
+    ) -> tuple[Event, bool, list[str], list[Lease]]:
+        """`publish` and wake the resource's waiting cases, and lease up to `take` of the woken to
+        `owner`, each with its journal and the event it consumes next: one call of
+        `tianshu_publish_wake_take` (migration 0004), one commit.
 
-    async def _publish(
-        self,
-        function: str,
-        resource_type: str,
-        resource_id: str,
-        payload: Any,
-        event_id: str | None,
-        published_at: datetime,
-        dedupe_since: datetime,
-    ) -> tuple[Event, bool, list[str]]:
+        Retried like `publish`. A retry after a commit whose reply was lost reports no woken
+        keys and no leases: the cases it woke are found by the scheduler's sweep, those it leased
+        once their lease expires."""
         text = dump(payload)
-        woken = ", out_woken" if function == "tianshu_publish_and_wake" else ""
-        sql = (
-            f"SELECT out_seq, out_payload::text, out_published_at, out_created{woken} "
-            f"FROM {function}($1, $2, $3::jsonb, $4, $5, $6)"
-        )
 
-        async def op(conn: Conn, attempt: int) -> tuple[Event, bool, list[str]]:
-            row = await conn.fetchrow(
-                sql, resource_type, resource_id, text, event_id, published_at, dedupe_since
+        async def op(conn: Conn, attempt: int) -> tuple[Event, bool, list[str], list[Lease]]:
+            rows = await conn.fetch(
+                _PUBLISH_WAKE_TAKE,
+                resource_type,
+                resource_id,
+                text,
+                event_id,
+                published_at,
+                dedupe_since,
+                owner,
+                float(ttl),
+                take,
             )
-            if row is None:  # the function always returns one row
-                raise RuntimeError(f"{function} returned no row")
-            stored = load(row[1])
-            created: bool = row[3]
-            if not created and attempt > 1 and row[2] == published_at and stored == load(text):
-                created = True  # our own first attempt committed; its reply was lost
-            event = Event(row[0], resource_type, resource_id, stored, event_id, row[2])
-            return event, created, list(row[4] or []) if woken else []
+            if not rows:  # the function always returns the event's row first
+                raise RuntimeError("tianshu_publish_wake_take returned no row")
+            head = rows[0]
+            stored = load(head["out_payload"])
+            created: bool = head["out_created"] or _is_own_retry(
+                attempt, head["out_published_at"], published_at, stored, text
+            )
+            event = Event(
+                head["out_seq"], resource_type, resource_id, stored, event_id, head["out_published_at"]
+            )
+            leases = [_taken_lease(row, event, owner) for row in rows[1:]]
+            return event, created, list(head["out_woken"] or []), leases
 
-        return await self._db.run(f"event {function}", op, idempotent=event_id is not None)
+        return await self._db.run("event publish_and_wake", op, idempotent=event_id is not None)
 
     async def next_after(
         self,

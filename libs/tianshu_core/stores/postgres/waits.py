@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from ...models import PollPredicate, Timer
@@ -18,9 +18,16 @@ class PostgresWaitStore:
     def __init__(self, db: PgBackend) -> None:
         self._db = db
 
-    async def replace(self, case_key: str, predicates: Sequence[PollPredicate]) -> None:
-        """Make `predicates` the case's whole set of waits (empty: no waits)."""
+    async def replace(
+        self,
+        case_key: str,
+        predicates: Sequence[PollPredicate],
+        after: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
+        """Make `predicates` the case's whole set of waits (empty: no waits). `after` gives, per
+        resource, the seq of the last event the case consumed there (default 0)."""
         preds = list(predicates)
+        cursors = after or {}
 
         async def op(conn: Conn, _attempt: int) -> None:
             async with conn.transaction():
@@ -28,15 +35,16 @@ class PostgresWaitStore:
                 if preds:
                     await conn.execute(
                         "INSERT INTO tianshu_waits "
-                        "(case_key, position, resource_type, resource_id, step_name, intent_desc) "
-                        "SELECT $1, p.ord::int, p.rt, p.rid, p.step, p.intent "
-                        "FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) "
-                        "WITH ORDINALITY AS p(rt, rid, step, intent, ord)",
+                        "(case_key, position, resource_type, resource_id, step_name, intent_desc, after_seq) "
+                        "SELECT $1, p.ord::int, p.rt, p.rid, p.step, p.intent, p.after "
+                        "FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) "
+                        "WITH ORDINALITY AS p(rt, rid, step, intent, after, ord)",
                         case_key,
                         [p.resource_type for p in preds],
                         [p.resource_id for p in preds],
                         [p.step_name for p in preds],
                         [p.intent_desc for p in preds],
+                        [cursors.get((p.resource_type, p.resource_id), 0) for p in preds],
                     )
 
         await self._db.run("waits replace", op)
