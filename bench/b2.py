@@ -6,7 +6,10 @@ until the woken case's next step is committed. The commit is observed exactly: a
 journal (installed in this benchmark's database only) sends NOTIFY, which Postgres delivers at
 commit, to a LISTEN of the benchmark's.
 
-- sequential: B2_N cases (default 100) one at a time → b2_wake_p50_ms, b2_wake_p99_ms;
+- sequential: B2_N cases (default 100, after 5 for warm-up), woken one at a time →
+  b2_wake_p50_ms, b2_wake_p99_ms. As in the DBOS anchor (anchors/dbos_wake.py), every case is
+  started and waiting before the first event, and each event is published as soon as the last
+  woken step's commit has been seen;
 - burst: B2_BURST cases (default 1,000) waiting on one resource, woken by one event → the time
   until all of them have committed their next step, b2_burst_1000_s.
 
@@ -176,12 +179,13 @@ async def main() -> None:
             services.start_scheduler()
             nc = await nats.connect(services.nats_url)
             js = nc.jetstream()
-            # Sequential wakes, one at a time, after a few for warm-up.
+            # Sequential wakes, one at a time, after a few for warm-up: as the anchor does, every
+            # case is waiting before the first event, and each event follows the last commit.
+            resources = [f"seq-{uuid.uuid4().hex[:12]}" for _ in range(n + 5)]
+            keys = await start_cases(nc, resources)
+            await wait_waiting(setup, keys)
             latencies: list[float] = []
-            for i in range(n + 5):
-                resource = f"seq-{uuid.uuid4().hex[:12]}"
-                (key,) = await start_cases(nc, [resource])
-                await wait_waiting(setup, [key])
+            for i, (key, resource) in enumerate(zip(keys, resources, strict=True)):
                 committed = asyncio.get_running_loop().create_future()
                 commits.awaited[key] = committed
                 t0 = time.perf_counter()
