@@ -13,10 +13,17 @@ from ._codec import case_from_row, dump, journal_from_arrays, load
 
 # The lock tianshu_publish_event takes (migration 0001), held by a publish until it commits.
 _PUBLISH_LOCK = "SELECT pg_advisory_xact_lock(1953067880, hashtext($1 || '/' || $2))"
+# The resource's events after seq $3, as a range of tianshu_events_resource_idx given by row
+# comparisons, in that index's order. Written as `resource_type = $1 AND ... ORDER BY seq`, the
+# planner may instead walk the primary key from seq $3 and filter by resource: for a resource
+# holding many of the events, that reads the whole tail of the table when nothing newer is there.
+# Only this index can give this order, and the range ends where the resource does.
 _NEXT_AFTER = """
 SELECT seq, event_id, payload::text, published_at FROM tianshu_events
-WHERE resource_type = $1 AND resource_id = $2 AND seq > $3 AND published_at >= $4
-ORDER BY seq LIMIT 1
+WHERE (resource_type, resource_id, seq) > ($1, $2, $3)
+  AND (resource_type, resource_id, seq) <= ($1, $2, 9223372036854775807)
+  AND published_at >= $4
+ORDER BY resource_type, resource_id, seq LIMIT 1
 """
 _PUBLISH = (
     "SELECT out_seq, out_payload::text, out_published_at, out_created "

@@ -79,10 +79,13 @@ BEGIN
                            array_agg(created_at ORDER BY seq) AS created
                       FROM tianshu_journal WHERE case_key = v_case.case_key) AS j
               LEFT JOIN LATERAL (
+                    -- As PostgresEventStore.next_after: a range of tianshu_events_resource_idx.
                     SELECT ev.seq, ev.event_id, ev.payload, ev.published_at FROM tianshu_events ev
-                     WHERE ev.resource_type = p_resource_type AND ev.resource_id = p_resource_id
-                       AND ev.seq > v_case_after AND ev.published_at >= v_case.created_at
-                     ORDER BY ev.seq LIMIT 1
+                     WHERE (ev.resource_type, ev.resource_id, ev.seq) > (p_resource_type, p_resource_id, v_case_after)
+                       AND (ev.resource_type, ev.resource_id, ev.seq)
+                           <= (p_resource_type, p_resource_id, 9223372036854775807)
+                       AND ev.published_at >= v_case.created_at
+                     ORDER BY ev.resource_type, ev.resource_id, ev.seq LIMIT 1
               ) AS e ON true;
     END LOOP;
 END
