@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from tests._nats import NatsServerFactory
+from tests._otlp import OtlpCollector, by_name, one
 from tests._services import CaseDb, SchedulerProcess, eventually, fresh_database, new_key, request_start
 from tests._tool_runner import (
     Execution,
@@ -526,3 +527,33 @@ async def test_read_only_calls_overlap_an_exclusive_one_overlaps_nothing_and_lon
     assert call == "r2c1" and len(content.encode()) <= 2000
     kept = len(content.encode()) - len(content.split("\n")[-1].encode()) - 1
     assert content.endswith(f"\n[truncated: {kept} of 10001 bytes]") and kept > 1900
+
+
+# -- tracing -----------------------------------------------------------------------------------
+
+
+async def test_a_tool_call_is_traced_across_the_scheduler_and_the_runner(
+    stack: Stack, nc: Client, db: CaseDb
+) -> None:
+    """Both services export over OTLP; the runner's span for a call joins the case's trace."""
+    collector = OtlpCollector()
+    try:
+        otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        scheduler = stack.scheduler(**otlp)
+        (runner,) = await stack.start_runners(1, None, **otlp)
+        key = new_key("traced")
+        spec = {"rounds": [[{"tool": "echo", "args": {"text": "hi"}}]], "answer": "done"}
+        await request_start(nc, "e2e_agent", spec, key=key)
+        await db.wait_state(key, "finished", context=stack.logs)
+        assert scheduler.terminate() == 0 and runner.terminate() == 0  # flush the buffered spans
+    finally:
+        collector.close()
+    spans = collector.spans
+    runs = [s for s in by_name(spans, "tianshu.run_case") if s["attributes"]["tianshu.case_key"] == key]
+    assert runs and len({r["trace_id"] for r in runs}) == 1
+    case_trace = runs[0]["trace_id"]
+    on_runner = [s for s in spans if s["service"] == "tianshu-tool-runner" and s["trace_id"] == case_trace]
+    assert on_runner, (
+        f"no runner span in the case's trace: {sorted({(s['service'], s['name']) for s in spans})}"
+    )
+    assert one(spans, "tianshu.tool")["trace_id"] == case_trace

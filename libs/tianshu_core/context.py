@@ -27,7 +27,7 @@ from .errors import (
 from .models import Case, ExecutionState, JournalEntry, JournalKind, PollPredicate, Timer
 from .results import Finished, Waiting, WorkflowResult
 from .retry import RetryPolicy
-from .telemetry import in_span
+from .telemetry import current_traceparent, in_span
 from .tokens import child_case_key, require_plain
 
 if TYPE_CHECKING:
@@ -478,6 +478,7 @@ class WorkflowContext:
             resource_data=input,
             created_at=now,
             updated_at=now,
+            trace_parent=current_traceparent(),  # the child's runs join this run's trace
         )
         # Insert first, then journal: a crash in between re-inserts the same key, a no-op.
         await _guard(self._run.stores.cases.insert(child))

@@ -47,7 +47,7 @@ from .models import (
 )
 from .results import Finished, Waiting, WorkflowResult
 from .stores.protocols import Stores
-from .telemetry import in_span, tracer
+from .telemetry import current_traceparent, in_span, tracer
 from .tokens import new_case_key, require_plain
 from .workflow import WorkflowRegistry, default_registry
 
@@ -206,6 +206,7 @@ class Engine:
             resource_data=data,
             created_at=now,
             updated_at=now,
+            trace_parent=current_traceparent(),
         )
 
     async def start_case(
@@ -293,6 +294,7 @@ class Engine:
             "tianshu.run_case",
             {"tianshu.case_key": case.case_key, "tianshu.workflow": case.workflow_code},
             lambda: self._run_traced(lease, fresh),
+            parent=case.trace_parent,
         )
 
     async def _run_traced(self, lease: Lease, fresh: bool) -> RunReport:

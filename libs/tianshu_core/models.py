@@ -53,6 +53,9 @@ class Case(BaseModel):
     error: ErrorInfo | None = None
     created_at: datetime
     updated_at: datetime
+    trace_parent: str | None = None
+    """The W3C `traceparent` of the span that started the case, when tracing was on: every run
+    of the case is a span in that trace (and links to what woke it)."""
 
     @property
     def is_active(self) -> bool:

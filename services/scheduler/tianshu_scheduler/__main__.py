@@ -9,6 +9,7 @@ import sys
 from tianshu_core import TianshuError
 from tianshu_core.bus import NatsSettings
 from tianshu_core.logs import configure_logging
+from tianshu_core.telemetry import configure_tracing
 
 from .loader import load_workflows
 from .service import Scheduler
@@ -32,11 +33,14 @@ async def _main() -> int:
 def main() -> int:
     """Entry point of the `tianshu-scheduler` console script."""
     configure_logging()
+    stop_tracing = configure_tracing("tianshu-scheduler")
     try:
         return asyncio.run(_main())
     except TianshuError as exc:
         print(f"tianshu-scheduler: {exc}", file=sys.stderr)
         return 2
+    finally:
+        stop_tracing()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from pydantic import ValidationError
 
 from tianshu_core import TianshuError
 from tianshu_core.bus import NatsSettings
 from tianshu_core.logs import configure_logging
+from tianshu_core.telemetry import configure_tracing
 
 from .loader import load_tools
 from .service import ToolRunner
@@ -20,7 +22,7 @@ from .settings import ToolRunnerSettings
 log = logging.getLogger(__name__)
 
 
-async def _main() -> int:
+async def _main(stop_tracing: Callable[[], None]) -> int:
     settings = ToolRunnerSettings()
     registry = load_tools(settings.tool_modules)
     runner = ToolRunner(settings, registry, NatsSettings())
@@ -36,6 +38,7 @@ async def _main() -> int:
         # A sync tool past its timeout cannot be stopped, and a normal exit would wait for its thread
         # (asyncio.run and the interpreter both join the executor's threads): leave without waiting.
         log.warning("%d sync tool calls still running in threads; exiting without them", runner.threads.busy)
+        stop_tracing()
         logging.shutdown()
         sys.stdout.flush()
         os._exit(code)
@@ -45,14 +48,17 @@ async def _main() -> int:
 def main() -> int:
     """Entry point of the `tianshu-tool-runner` console script."""
     configure_logging()
+    stop_tracing = configure_tracing("tianshu-tool-runner")
     try:
-        return asyncio.run(_main())
+        return asyncio.run(_main(stop_tracing))
     except TianshuError as exc:
         print(f"tianshu-tool-runner: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # the settings: say which variable is wrong, without a traceback
         print(f"tianshu-tool-runner: invalid settings: {exc}", file=sys.stderr)
         return 2
+    finally:
+        stop_tracing()
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def case_args(case: Case) -> tuple[Any, ...]:
 
 
 def case_from_row(row: Record) -> Case:
-    """A Case from a row holding at least CASE_COLUMNS."""
+    """A Case from a row holding at least CASE_COLUMNS and trace_parent."""
     return Case.model_validate(
         {
             "case_key": row["case_key"],
@@ -97,6 +97,7 @@ def case_from_row(row: Record) -> Case:
             "error": load(row["error"]),
             "created_at": row["created_at"],
             "updated_at": row["updated_at"],
+            "trace_parent": row["trace_parent"],
         }
     )
 

@@ -19,14 +19,15 @@ from ._codec import (
     journal_from_arrays,
 )
 
+# Creating a case also writes its trace_parent ($17), which nothing changes afterwards.
 _INSERT = f"""
-INSERT INTO tianshu_cases ({CASE_COLUMNS}) VALUES ({CASE_VALUES})
+INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent) VALUES ({CASE_VALUES}, $17)
 ON CONFLICT (case_key) DO NOTHING
 RETURNING case_key
 """
 _UPSERT = f"""
-INSERT INTO tianshu_cases ({CASE_COLUMNS}) VALUES ({CASE_VALUES})
-ON CONFLICT (case_key) DO UPDATE SET {CASE_SET}
+INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent) VALUES ({CASE_VALUES}, $17)
+ON CONFLICT (case_key) DO UPDATE SET {CASE_SET}, trace_parent = EXCLUDED.trace_parent
 """
 _SAVE = f"""
 UPDATE tianshu_cases SET {RUN_SET}
@@ -52,8 +53,8 @@ _ACQUIRE_WITH_JOURNAL = (
     "SELECT c, j_seq, j_kind, j_name, j_data, j_token, j_created FROM tianshu_acquire($1, $2, $3)"
 )
 _CREATE_LEASED = f"""
-INSERT INTO tianshu_cases ({CASE_COLUMNS}, lease_owner, lease_token, lease_expires_at)
-VALUES ({CASE_VALUES}, $17, 1, now() + $18::float8 * interval '1 second')
+INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent, lease_owner, lease_token, lease_expires_at)
+VALUES ({CASE_VALUES}, $17, $18, 1, now() + $19::float8 * interval '1 second')
 ON CONFLICT (case_key) DO NOTHING
 RETURNING *
 """
@@ -95,7 +96,7 @@ class PostgresCaseStore:
 
     async def insert(self, case: Case) -> bool:
         """Create the case unless its key exists; True when created."""
-        args = case_args(case)
+        args = (*case_args(case), case.trace_parent)
 
         async def op(conn: Conn, attempt: int) -> bool:
             if await conn.fetchval(_INSERT, *args) is not None:
@@ -109,7 +110,7 @@ class PostgresCaseStore:
 
     async def upsert(self, case: Case) -> None:
         """Create or overwrite the case (admin write: not fenced, lease untouched)."""
-        await self._db.execute("case upsert", _UPSERT, *case_args(case))
+        await self._db.execute("case upsert", _UPSERT, *case_args(case), case.trace_parent)
 
     async def get_by_key(self, case_key: str) -> Case | None:
         """The case, or None."""
@@ -231,7 +232,7 @@ class PostgresLeaseStore:
 
     async def create_leased(self, case: Case, owner: str, ttl: float) -> Lease | None:
         """Insert a new case already leased to `owner` (token 1); None if the key exists."""
-        args = case_args(case)
+        args = (*case_args(case), case.trace_parent)
 
         async def op(conn: Conn, attempt: int) -> Lease | None:
             row = await conn.fetchrow(_CREATE_LEASED, *args, owner, float(ttl))
