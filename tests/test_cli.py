@@ -55,3 +55,32 @@ def test_unreachable_database_gives_a_clear_error() -> None:
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "error:" in done.stderr
+
+
+async def test_purge_expired_applies_the_retention_settings(pg_server_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tests._services import fresh_database
+
+    async with fresh_database(pg_server_url, "tianshu_cli") as url:
+        stores = await connect_postgres(url, max_size=1)
+        try:
+            now = datetime.now(UTC)
+            for age in (timedelta(days=10), timedelta(hours=1)):
+                await stores.events.publish(
+                    "order",
+                    "o1",
+                    {"age_s": age.total_seconds()},
+                    event_id=None,
+                    published_at=now - age,
+                    dedupe_since=now,
+                )
+            done = tianshu(url, "db", "purge-expired")  # default retention: 7 days
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == "deleted 1 expired events and cases"
+            left = await stores.events.next_after(
+                "order", "o1", after_seq=0, not_before=now - timedelta(days=30)
+            )
+            assert left is not None and left.payload == {"age_s": 3600.0}
+        finally:
+            await stores.close()

@@ -517,6 +517,64 @@ async def test_event_purge_before(stores: Stores) -> None:
     assert await stores.events.purge_before(old) == 0
 
 
+async def test_event_purge_in_batches_oldest_first(stores: Stores) -> None:
+    rt, rid = uid("rt"), uid("r")
+    old = datetime(1980, 1, 1, tzinfo=UTC)  # before any other test's events
+    for i in range(5):
+        await stores.events.publish(
+            rt, rid, i, event_id=None, published_at=old + timedelta(days=i), dedupe_since=old
+        )
+    assert await stores.events.purge_before(old + timedelta(days=4), limit=3) == 3
+    remaining = await stores.events.next_after(rt, rid, after_seq=0, not_before=old)
+    assert remaining is not None and remaining.payload == 3
+    assert await stores.events.purge_before(old + timedelta(days=4), limit=3) == 1
+    assert await stores.events.purge_before(old + timedelta(days=4), limit=3) == 0
+
+
+async def test_purge_done_before_removes_old_ended_cases_and_their_history(stores: Stores) -> None:
+    """History retention: finished and failed cases that ended before the cutoff go, with their
+    journal, state, waits and timers, at most `limit` a call; nothing else is touched."""
+    long_ago = datetime(1985, 1, 1, tzinfo=UTC)  # before any other test's cases
+
+    async def case_at(state: ExecutionState, days: int) -> Case:
+        when = long_ago + timedelta(days=days)
+        case = make_case(execution_state=state)
+        case.created_at = case.updated_at = when
+        lease = await stores.leases.create_leased(case, "me", 30)
+        assert lease is not None
+        await stores.journal.append(entry(case.case_key, 1, lease.token))
+        await stores.leases.release(lease)
+        await stores.state.save(case.case_key, "v", 1)
+        await stores.timers.schedule(Timer(case.case_key, "t", when))
+        return case
+
+    finished = [await case_at(ExecutionState.FINISHED, d) for d in (1, 2)]
+    failed = await case_at(ExecutionState.FAILED, 3)
+    running = await case_at(ExecutionState.RUNNING, 1)
+    waiting = await case_at(ExecutionState.WAITING, 1)
+    await stores.waits.replace(
+        waiting.case_key, [PollPredicate(resource_type="o", resource_id="x", step_name="w")]
+    )
+    recent = await case_at(ExecutionState.FINISHED, 30)
+    cutoff = long_ago + timedelta(days=10)
+    assert await stores.cases.purge_done_before(cutoff, limit=2) == 2  # the two oldest
+    assert await stores.cases.get_by_key(finished[0].case_key) is None
+    assert await stores.cases.get_by_key(failed.case_key) is not None
+    assert await stores.cases.purge_done_before(cutoff, limit=2) == 1
+    assert await stores.cases.purge_done_before(cutoff, limit=2) == 0
+    for gone in (*finished, failed):
+        assert await stores.cases.get_by_key(gone.case_key) is None
+        assert await stores.journal.load(gone.case_key) == []
+        assert await stores.state.get_all(gone.case_key) == []
+    due = {t.case_key for t in await stores.timers.due(cutoff, limit=10_000)}
+    assert not due & {c.case_key for c in (*finished, failed)}
+    for kept in (running, waiting, recent):
+        assert await stores.cases.get_by_key(kept.case_key) is not None
+        assert len(await stores.journal.load(kept.case_key)) == 1
+    assert await stores.waits.for_case(waiting.case_key) != []
+    assert {running.case_key, waiting.case_key} <= due
+
+
 async def test_timers(stores: Stores) -> None:
     k1, k2 = uid("case"), uid("case")
     # In the far past, so the due() scan sees only this test's timers before `base + 1 year`.

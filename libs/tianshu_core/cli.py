@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from . import serde
 from .bus import NatsSettings
 from .client import SchedulerUnavailableError, TianshuClient
+from .engine import Engine
 from .errors import TianshuError
 from .models import CaseFilter, ExecutionState
 from .settings import Settings
@@ -61,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="command", required=True)
     db.add_parser("migrate", help="apply pending migrations (safe to run concurrently)")
     db.add_parser("version", help="print the schema version")
+    db.add_parser(
+        "purge-expired",
+        help="delete events older than TIANSHU_EVENT_RETENTION_S and, if TIANSHU_HISTORY_RETENTION_S "
+        "is set, finished and failed cases older than that (a scheduler does this by itself)",
+    )
 
     start = sub.add_parser("start", parents=[via_nats], help="start a case through a running scheduler")
     start.add_argument("workflow_code")
@@ -168,6 +174,13 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "migrate":
             applied = await migrate(url)
             print(f"applied migrations: {applied}" if applied else "schema is up to date")
+        elif args.command == "purge-expired":
+            stores = await connect_postgres(url, max_size=2)
+            try:
+                purged = await Engine(stores, config=settings.engine_config()).purge_expired()
+            finally:
+                await stores.close()
+            print(f"deleted {purged} expired events and cases")
         else:
             print(await schema_version(url))
         return 0

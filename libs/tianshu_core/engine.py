@@ -35,7 +35,6 @@ from .errors import (
 from .logs import current_case
 from .models import (
     Case,
-    CaseFilter,
     Event,
     EventLookahead,
     ExecutionState,
@@ -629,17 +628,29 @@ class Engine:
         """Remove a case and its whole history."""
         await self.stores.cases.delete(case_key)
 
-    async def purge_expired(self) -> int:
-        """Apply the retention settings: old events, and done cases past `history_retention`."""
+    async def purge_expired(self, *, batch: int = 1000) -> int:
+        """Apply the retention settings (engine clock): delete the events older than
+        `event_retention`, and the finished or failed cases (with their history) whose last
+        change is older than `history_retention`, if set. In batches of `batch` rows, so that no
+        statement holds many locks for long; returns how many events and cases went."""
         now = self.clock.now()
-        purged = await self.stores.events.purge_before(now - self.config.event_retention)
-        if self.config.history_retention is not None:
-            cutoff = now - self.config.history_retention
-            for state in (ExecutionState.FINISHED, ExecutionState.FAILED):
-                for case in await self.stores.cases.list(CaseFilter(execution_state=state), limit=10_000):
-                    if case.updated_at < cutoff:
-                        await self.stores.cases.delete(case.case_key)
-                        purged += 1
+
+        async def in_batches(purge: Callable[[], Awaitable[int]]) -> int:
+            total = 0
+            while (n := await purge()) > 0:
+                total += n
+                if n < batch:
+                    break
+            return total
+
+        with tracer.start_as_current_span("tianshu.purge_expired"):
+            cutoff = now - self.config.event_retention
+            purged = await in_batches(lambda: self.stores.events.purge_before(cutoff, limit=batch))
+            if self.config.history_retention is not None:
+                done_before = now - self.config.history_retention
+                purged += await in_batches(
+                    lambda: self.stores.cases.purge_done_before(done_before, limit=batch)
+                )
         return purged
 
 

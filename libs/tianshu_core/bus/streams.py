@@ -53,6 +53,14 @@ class StreamSpec:
     duplicate_window_s: float = 120.0
     description: str | None = None
 
+    @property
+    def duplicate_window(self) -> float:
+        """The duplicate window the server gets: never longer than the stream's max age, which
+        NATS refuses (a short event retention would otherwise stop the scheduler at start)."""
+        if self.max_age_s > 0:
+            return min(self.duplicate_window_s, self.max_age_s)
+        return self.duplicate_window_s
+
     def config(self) -> StreamConfig:
         return StreamConfig(
             name=self.name,
@@ -65,7 +73,7 @@ class StreamSpec:
             max_bytes=self.max_bytes,
             max_msgs=self.max_msgs,
             max_msg_size=self.max_msg_size,
-            duplicate_window=self.duplicate_window_s,
+            duplicate_window=self.duplicate_window,
             discard=DiscardPolicy.OLD,
         )
 
@@ -80,7 +88,7 @@ class StreamSpec:
             "max_bytes": self.max_bytes,
             "max_msgs": self.max_msgs,
             "max_msg_size": self.max_msg_size,
-            "duplicate_window": self.duplicate_window_s,
+            "duplicate_window": self.duplicate_window,
             "description": self.description,
         }
         have = {

@@ -201,6 +201,15 @@ class InMemoryCaseStore:
         for key in [k for k in db.timers if k[0] == case_key]:
             del db.timers[key]
 
+    async def purge_done_before(self, cutoff: datetime, *, limit: int = 1000) -> int:
+        done = sorted(
+            (c for c in self._db.cases.values() if c.is_terminal and c.updated_at < cutoff),
+            key=lambda c: c.updated_at,
+        )[:limit]
+        for case in done:
+            await self.delete(case.case_key)
+        return len(done)
+
 
 class InMemoryLeaseStore:
     def __init__(self, db: _Db) -> None:
@@ -438,10 +447,11 @@ class InMemoryEventStore:
                 return event
         return None
 
-    async def purge_before(self, cutoff: datetime) -> int:
-        before = len(self._db.events)
-        self._db.events = [e for e in self._db.events if e.published_at >= cutoff]
-        return before - len(self._db.events)
+    async def purge_before(self, cutoff: datetime, *, limit: int | None = None) -> int:
+        old = sorted((e for e in self._db.events if e.published_at < cutoff), key=lambda e: e.published_at)
+        gone = {id(e) for e in (old if limit is None else old[:limit])}
+        self._db.events = [e for e in self._db.events if id(e) not in gone]
+        return len(gone)
 
 
 class InMemoryTimerStore:

@@ -71,6 +71,11 @@ class CaseStore(Protocol):
         """Remove the case and everything stored under it (purge)."""
         ...
 
+    async def purge_done_before(self, cutoff: datetime, *, limit: int = 1000) -> int:
+        """Remove up to `limit` finished or failed cases last updated before `cutoff`, with
+        everything stored under them (history retention); how many went."""
+        ...
+
 
 class LeaseStore(Protocol):
     """Leases by the store's own clock: one holder per case, with a growing fencing token."""
@@ -191,7 +196,9 @@ class EventStore(Protocol):
         """
         ...
 
-    async def purge_before(self, cutoff: datetime) -> int: ...
+    async def purge_before(self, cutoff: datetime, *, limit: int | None = None) -> int:
+        """Delete events published before `cutoff` (at most `limit`, oldest first); how many went."""
+        ...
 
 
 class TimerStore(Protocol):

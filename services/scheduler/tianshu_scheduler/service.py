@@ -103,6 +103,7 @@ class Scheduler:
         self._slots = asyncio.Semaphore(settings.scheduler_max_runs)
         self._stopping = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
         self.runs_done = 0
         self.tools: NatsToolExecutor
@@ -196,6 +197,7 @@ class Scheduler:
             *responders,
         ]
         self._sweeper = asyncio.create_task(self._sweep(), name="tianshu-sweeper")
+        self._retention = asyncio.create_task(self._apply_retention(), name="tianshu-retention")
         if s.scheduler_ready_file:
             _write_ready(Path(s.scheduler_ready_file))
         log.info(
@@ -219,10 +221,11 @@ class Scheduler:
 
     async def close(self) -> None:
         self._stopping.set()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._retention):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -306,6 +309,26 @@ class Scheduler:
                 log.exception("sweep failed; retrying in %.1fs", interval)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def _apply_retention(self) -> None:
+        """Delete expired events and, with a history retention, old finished cases; every
+        replica does it (the deletes skip what another holds), first soon after start."""
+        engine = self.engine
+        assert engine is not None
+        interval = self.settings.scheduler_retention_interval_s
+        wait = min(interval, 5.0)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait)
+            if self._stopping.is_set():
+                return
+            wait = interval
+            try:
+                purged = await engine.purge_expired()
+                if purged:
+                    log.info("retention: %d expired events and cases deleted", purged)
+            except Exception:
+                log.exception("applying the retention failed; retrying in %.0fs", interval)
 
     async def _drain_runs(self, timeout_s: float) -> bool:
         """Shutdown: let in-flight runs finish within `timeout_s`, then cancel them (they release

@@ -24,6 +24,13 @@ class SchedulerSettings(Settings):
     scheduler_sweep_interval_s: float = Field(
         default=0.5, gt=0, description="How often to look for due timers and cases whose holder died."
     )
+    scheduler_retention_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How often to apply the retention settings: delete events older than "
+        "TIANSHU_EVENT_RETENTION_S and, if TIANSHU_HISTORY_RETENTION_S is set, finished and failed "
+        "cases older than that.",
+    )
     scheduler_shutdown_timeout_s: float = Field(
         default=20.0, gt=0, description="SIGTERM: how long in-flight work may take before it is released."
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from ...errors import LeaseLostError
@@ -57,6 +58,26 @@ INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent, lease_owner, lease_toke
 VALUES ({CASE_VALUES}, $17, $18, 1, now() + $19::float8 * interval '1 second')
 ON CONFLICT (case_key) DO NOTHING
 RETURNING *
+"""
+_PURGE_DONE = """
+WITH gone AS (
+    DELETE FROM tianshu_cases WHERE case_key IN (
+        SELECT case_key FROM tianshu_cases
+        WHERE execution_state IN ('finished', 'failed') AND updated_at < $1
+        ORDER BY updated_at LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING case_key
+), journal AS (
+    DELETE FROM tianshu_journal t USING gone WHERE t.case_key = gone.case_key
+), state AS (
+    DELETE FROM tianshu_case_state t USING gone WHERE t.case_key = gone.case_key
+), waits AS (
+    DELETE FROM tianshu_waits t USING gone WHERE t.case_key = gone.case_key
+), timers AS (
+    DELETE FROM tianshu_timers t USING gone WHERE t.case_key = gone.case_key
+)
+SELECT count(*) FROM gone
 """
 _FILTER_COLUMNS = (
     ("session_id", "session_id"),
@@ -205,6 +226,13 @@ class PostgresCaseStore:
                     await conn.execute(f"DELETE FROM {table} WHERE case_key = $1", case_key)
 
         await self._db.run("case delete", op)
+
+    async def purge_done_before(self, cutoff: datetime, *, limit: int = 1000) -> int:
+        """Remove up to `limit` finished or failed cases last updated before `cutoff` (oldest
+        first, through tianshu_cases_done_idx), with their journal, state, waits and timers: one
+        statement. Rows another transaction holds are skipped; the next call takes them."""
+        count = await self._db.fetchval("case purge_done_before", _PURGE_DONE, cutoff, limit)
+        return int(count)
 
 
 class PostgresLeaseStore:

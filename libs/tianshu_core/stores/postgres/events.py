@@ -187,12 +187,15 @@ class PostgresEventStore:
             return None
         return Event(row[0], resource_type, resource_id, load(row[2]), row[1], row[3])
 
-    async def purge_before(self, cutoff: datetime) -> int:
-        """Delete events published before `cutoff`; how many went."""
+    async def purge_before(self, cutoff: datetime, *, limit: int | None = None) -> int:
+        """Delete events published before `cutoff` (at most `limit`, oldest first, through
+        tianshu_events_published_idx); how many went."""
         count = await self._db.fetchval(
             "event purge",
-            "WITH gone AS (DELETE FROM tianshu_events WHERE published_at < $1 RETURNING 1) "
-            "SELECT count(*) FROM gone",
+            "WITH gone AS (DELETE FROM tianshu_events WHERE seq IN ("
+            "SELECT seq FROM tianshu_events WHERE published_at < $1 ORDER BY published_at LIMIT $2"
+            ") RETURNING 1) SELECT count(*) FROM gone",
             cutoff,
+            limit,
         )
         return int(count)
