@@ -23,7 +23,7 @@ from tests._otlp import OtlpCollector, Span, by_name, descendants, one, tracepar
 from tests._services import ROOT, SchedulerProcess, eventually, new_key
 from tianshu_contracts import subjects
 from tianshu_core import ExecutionState, connect_postgres
-from tianshu_core.telemetry import configure_tracing
+from tianshu_core.telemetry import configure_tracing, trace_id_of
 
 # -- library mode ----------------------------------------------------------------------------------
 
@@ -141,6 +141,11 @@ async def test_the_scheduler_exports_one_trace_per_case_over_otlp(
             subjects.event("order", key), b'{"paid": 1}', headers={"traceparent": event_header}
         )
         await eventually(lambda: in_state(ExecutionState.FINISHED), what="the case finishes")
+        # A client reading the case learns its trace: the one to look up in Jaeger.
+        reply = await nc.request(
+            subjects.RPC_CASES_GET, json.dumps({"kind": "get_case", "case_key": key}).encode(), timeout=10
+        )
+        assert json.loads(reply.data)["case"]["trace_id"] == start_trace
     finally:
         await nc.close()
         await stores.close()
@@ -160,3 +165,10 @@ async def test_the_scheduler_exports_one_trace_per_case_over_otlp(
     sql = [s for r in runs for s in descendants(spans, r) if s["attributes"].get("db.system") == "postgresql"]
     assert sql, "no SQL span under the case's runs"
     assert uuid.UUID(int=int(start_trace, 16))  # a real 128-bit id, as Jaeger shows it
+
+
+def test_trace_id_of_a_traceparent() -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_id_of(f"00-{trace_id}-00f067aa0ba902b7-01") == trace_id
+    assert trace_id_of(None) is None
+    assert trace_id_of("garbage") is None

@@ -104,6 +104,11 @@ class CaseSummary(WireModel):
     error: WireError | None = None
     created_at: AwareDatetime
     updated_at: AwareDatetime
+    trace_id: str | None = Field(
+        default=None,
+        description="The trace every run of the case is a span in (32 hex digits; look it up in "
+        "Jaeger); null when tracing was off when the case started.",
+    )
 
 
 class CaseFound(Message):

@@ -33,6 +33,16 @@ def current_traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id (32 hex digits) of a W3C `traceparent`; None for None or a malformed one."""
+    if traceparent is None:
+        return None
+    parts = traceparent.split("-")
+    if len(parts) != 4 or len(parts[1]) != 32:
+        return None
+    return parts[1]
+
+
 async def in_span(
     name: str, attributes: Attributes, fn: Callable[[], Awaitable[T]], *, parent: str | None = None
 ) -> T:

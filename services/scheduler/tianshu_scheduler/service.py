@@ -74,6 +74,7 @@ from tianshu_core.bus import (
 )
 from tianshu_core.bus.shutdown import Stoppable
 from tianshu_core.bus.tools import NatsToolExecutor
+from tianshu_core.telemetry import trace_id_of
 from tianshu_core.tools import TOOL_RESULT_RESOURCE
 
 from .settings import SchedulerSettings
@@ -602,6 +603,7 @@ def summary(case: Case) -> CaseSummary:
         error=_wire_error(case),
         created_at=case.created_at,
         updated_at=case.updated_at,
+        trace_id=trace_id_of(case.trace_parent),
     )
 
 
