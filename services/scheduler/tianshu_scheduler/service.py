@@ -227,6 +227,8 @@ class Scheduler:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._chores:  # leases being handed back: let them reach the database first
+            await asyncio.wait(set(self._chores), timeout=5.0)
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
