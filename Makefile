@@ -11,10 +11,11 @@ BIN := $(VENV)/bin
 # Touched after a successful install; reinstall when pyproject.toml is newer.
 STAMP := $(VENV)/.tianshu-dev-installed
 
-.PHONY: help venv test lint typecheck pytest demo bench bench-compare clean
+.PHONY: help venv test lint typecheck pytest demo dev bench bench-compare clean
 
 help:
 	@echo "make demo           run the approval demo (embedded Postgres unless TIANSHU_DATABASE_URL is set)"
+	@echo "make dev            the service stack here (NATS, Postgres, scheduler, tool runner) until Ctrl-C"
 	@echo "make test           lint, type-check and run the test suite"
 	@echo "make lint           ruff check"
 	@echo "make typecheck      mypy (strict; configured in pyproject.toml)"
@@ -50,6 +51,11 @@ test: venv
 
 demo: venv
 	$(BIN)/python examples/approval_demo.py
+
+# The service stack here: NATS and Postgres (embedded unless TIANSHU_NATS_URL/TIANSHU_DATABASE_URL
+# are set), a scheduler and a tool runner; Ctrl-C stops it.
+dev: venv
+	$(BIN)/tianshu dev
 
 # The venv goes first on PATH so that bench/run finds its `python`.
 bench: venv

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from . import serde
 from .bus import NatsSettings
 from .client import SchedulerUnavailableError, TianshuClient
+from .dev import DEFAULT_DATA_DIR, DevOptions, run_dev
 from .engine import Engine
 from .errors import TianshuError
 from .models import CaseFilter, ExecutionState
@@ -58,6 +59,24 @@ def _parser() -> argparse.ArgumentParser:
     via_nats = argparse.ArgumentParser(add_help=False)
     via_nats.add_argument("--nats-url", default=argparse.SUPPRESS, help="NATS URL(s) (overrides the above)")
     sub = parser.add_subparsers(dest="group", required=True)
+
+    dev = sub.add_parser(
+        "dev",
+        help="run the whole stack here: NATS and Postgres (yours, or embedded ones), a scheduler and "
+        "tool runners, until Ctrl-C",
+    )
+    dev.add_argument("--workflows", default="examples.approval", help="TIANSHU_WORKFLOWS for the scheduler")
+    dev.add_argument("--tools", default="examples.tools", help="TIANSHU_TOOLS for the tool runners")
+    dev.add_argument("--runners", type=int, default=1, help="how many tool runners (default 1; 0: none)")
+    dev.add_argument(
+        "--nats-port", type=int, default=4222, help="port of the nats-server it starts (0: a free one)"
+    )
+    dev.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"NATS store and logs (default {DEFAULT_DATA_DIR})",
+    )
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="command", required=True)
     db.add_parser("migrate", help="apply pending migrations (safe to run concurrently)")
@@ -165,6 +184,19 @@ async def _send_command(client: TianshuClient, verb: str, case_key: str, reason:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.group == "dev":
+        if args.runners < 0:
+            raise TianshuError("--runners cannot be negative")
+        options = DevOptions(
+            database_url=args.database_url,
+            nats_url=args.nats_url,
+            workflows=args.workflows,
+            tools=args.tools,
+            runners=args.runners,
+            nats_port=args.nats_port,
+            data_dir=args.data_dir,
+        )
+        return await run_dev(options)
     if args.group in ("start", "events") or args.command in _COMMANDS or getattr(args, "via_nats", False):
         return await _run_nats(args)
     from .stores.postgres import connect_postgres, migrate, schema_version
