@@ -575,6 +575,28 @@ async def test_purge_done_before_removes_old_ended_cases_and_their_history(store
     assert {running.case_key, waiting.case_key} <= due
 
 
+async def test_a_save_that_ends_the_case_drops_its_timers(stores: Stores) -> None:
+    """Timers could only wake a case with nothing left to do; a fenced-out save drops nothing."""
+    case = make_case()
+    lease = await stores.leases.create_leased(case, "me", 30)
+    assert lease is not None
+    far = datetime(2999, 1, 1, tzinfo=UTC)
+    await stores.timers.schedule(Timer(case.case_key, "reply:timeout", far))
+
+    async def timers() -> set[str]:
+        return {t.name for t in await stores.timers.due(far, limit=100_000) if t.case_key == case.case_key}
+
+    case.execution_state = ExecutionState.WAITING
+    await stores.cases.save(case, lease.token)
+    assert await timers() == {"reply:timeout"}  # still waiting: the timer stays
+    case.execution_state = ExecutionState.FINISHED
+    with pytest.raises(LeaseLostError):
+        await stores.cases.save(case, lease.token + 1)
+    assert await timers() == {"reply:timeout"}  # refused: nothing dropped
+    await stores.cases.save(case, lease.token, release=True)
+    assert await timers() == set()
+
+
 async def test_timers(stores: Stores) -> None:
     k1, k2 = uid("case"), uid("case")
     # In the far past, so the due() scan sees only this test's timers before `base + 1 year`.

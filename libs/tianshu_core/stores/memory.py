@@ -147,6 +147,9 @@ class InMemoryCaseStore:
         # The lifecycle belongs to the operator: a pause or cancel during the run stays.
         case.lifecycle_state = self._db.cases[case.case_key].lifecycle_state
         self._db.cases[case.case_key] = _copy(case)
+        if case.is_terminal:
+            for key in [k for k in self._db.timers if k[0] == case.case_key]:
+                del self._db.timers[key]
         if release:
             row = self._db.leases[case.case_key]
             row.owner, row.expires_at = None, None

@@ -54,7 +54,8 @@ class CaseStore(Protocol):
     async def count(self, flt: CaseFilter | None = None) -> int: ...
     async def save(self, case: Case, token: int, *, release: bool = False) -> None:
         """Write the case as its lease holder (raises LeaseLostError if fenced out). The stored
-        lifecycle is kept (it is the operator's) and copied into `case`."""
+        lifecycle is kept (it is the operator's) and copied into `case`. A save that ends the case
+        (finished or failed) drops its timers."""
         ...
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool: ...

@@ -30,16 +30,21 @@ _UPSERT = f"""
 INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent) VALUES ({CASE_VALUES}, $17)
 ON CONFLICT (case_key) DO UPDATE SET {CASE_SET}, trace_parent = EXCLUDED.trace_parent
 """
-_SAVE = f"""
-UPDATE tianshu_cases SET {RUN_SET}
-WHERE case_key = $1 AND lease_token = $16
-RETURNING lifecycle
+# A save that ends the case (finished or failed) also drops its timers, which could only wake a
+# case that has nothing left to do; only when the fenced UPDATE went through.
+_SAVE_TEMPLATE = """
+WITH saved AS (
+    UPDATE tianshu_cases SET {set_list}
+    WHERE case_key = $1 AND lease_token = $16
+    RETURNING lifecycle, execution_state
+), timers AS (
+    DELETE FROM tianshu_timers t USING saved
+    WHERE t.case_key = $1 AND saved.execution_state IN ('finished', 'failed')
+)
+SELECT lifecycle FROM saved
 """
-_SAVE_RELEASE = f"""
-UPDATE tianshu_cases SET {RUN_SET}, lease_owner = NULL, lease_expires_at = NULL
-WHERE case_key = $1 AND lease_token = $16
-RETURNING lifecycle
-"""
+_SAVE = _SAVE_TEMPLATE.format(set_list=RUN_SET)
+_SAVE_RELEASE = _SAVE_TEMPLATE.format(set_list=f"{RUN_SET}, lease_owner = NULL, lease_expires_at = NULL")
 _GET = "SELECT * FROM tianshu_cases WHERE case_key = $1"
 # Lease free = never taken, released, or expired, by the database's clock.
 _FREE = "(lease_expires_at IS NULL OR lease_expires_at < now())"
