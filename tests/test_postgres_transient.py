@@ -48,6 +48,12 @@ def test_classification() -> None:
     assert is_transient(asyncpg.exceptions.TooManyConnectionsError("full"))  # 53300
     assert is_transient(asyncpg.exceptions.ConnectionDoesNotExistError("gone"))  # 08003
     assert is_transient(asyncpg.InterfaceError("cannot perform operation: connection is closed"))
+    # A kept connection that closed: the pool took it back as it closed.
+    assert is_transient(
+        asyncpg.InterfaceError(
+            "cannot call Connection.fetchval(): connection has been released back to the pool"
+        )
+    )
     assert is_transient(ConnectionResetError())
     assert is_transient(OSError("connection refused"))
     assert not is_transient(asyncpg.exceptions.QueryCanceledError("statement timeout"))  # 57014
@@ -212,3 +218,34 @@ async def test_non_idempotent_writes_are_not_retried_blindly(
     await honest.cases.insert(waiting)
     with pytest.raises(StoreUnavailableError):
         await PostgresCaseStore(lost_reply).mark_runnable([waiting.case_key])
+
+
+@pytest.mark.postgres
+async def test_a_kept_connection_killed_while_idle_is_not_used_again(pg_url: str) -> None:
+    """Connections kept between operations (the backend's lane) can die while they wait; the next
+    operation, even one that is never retried once sent, must not land on a dead one."""
+    await migrate(pg_url)
+    app = uid("tianshu-lane")
+    stores = await connect_postgres(pg_url, max_size=4, application_name=app, retry=FAST_RETRY)
+    admin = await asyncpg.connect(pg_url)
+    try:
+        since = datetime.now(UTC)
+        for i in range(3):  # fill the lane
+            await stores.events.publish(
+                "lane", uid("r"), i, event_id=None, published_at=since, dedupe_since=since
+            )
+        killed = await admin.fetchval(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND pid <> pg_backend_pid()) t",
+            app,
+        )
+        assert killed >= 1
+        await asyncio.sleep(0.2)  # the client sees the sockets close
+        # Without an event id a publish is not retried once sent: it has to start on a live one.
+        event, created = await stores.events.publish(
+            "lane", uid("r"), "after", event_id=None, published_at=since, dedupe_since=since
+        )
+        assert created and event.payload == "after"
+    finally:
+        await admin.close()
+        await stores.close()

@@ -37,7 +37,13 @@ def is_transient(exc: BaseException) -> bool:
         return state[:2] in _TRANSIENT_CLASSES and state not in _NOT_TRANSIENT
     if isinstance(exc, asyncpg.InterfaceError):
         # A connection closed under us; "pool is closed/closing" is our own shutdown, not transient.
-        return "connection is closed" in str(exc) or "connection was closed" in str(exc)
+        # A pooled connection that closes is taken back by the pool at once ("released back to
+        # the pool"): one kept between operations can be found that way.
+        text = str(exc)
+        return any(
+            marker in text
+            for marker in ("connection is closed", "connection was closed", "released back to the pool")
+        )
     # Dropped sockets, refused connections, and connect timeouts.
     return isinstance(exc, OSError | TimeoutError)
 
