@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from tests._backends import Backend
 from tianshu_core import (
@@ -87,6 +88,7 @@ async def test_parallel_mode_runs_cases_concurrently(backend: Backend) -> None:
     reg = WorkflowRegistry()
     inside = 0
     peak = 0
+    all_in = asyncio.Event()
 
     @reg.workflow("slow")
     async def slow(ctx: WorkflowContext) -> WorkflowResult:
@@ -96,7 +98,13 @@ async def test_parallel_mode_runs_cases_concurrently(backend: Backend) -> None:
             nonlocal inside, peak
             inside += 1
             peak = max(peak, inside)
-            await asyncio.sleep(0.05)
+            if inside == 4:
+                all_in.set()
+            # Stay until all four are in (run one at a time, they never are: then peak stays 1).
+            # A fixed 50 ms here failed once on a loaded machine, where opening the pool's
+            # connections for the other cases took longer than that.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_in.wait(), 5)
             inside -= 1
             return 1
 
