@@ -154,6 +154,7 @@ async def test_tool_errors_are_fed_back_and_the_loop_goes_on(backend: Backend) -
     assert "a: " in contents[2] and "b: Field required" in contents[2]
     assert contents[3] == "tool hang timed out after 0.05 s"
     assert contents[4] == "2"
+    assert [m.is_error for m in tool_msgs] == [True, True, True, True, False]  # the model is told
     records = {e.name: e.data for e in await backend.stores.journal.load(case.case_key) if "/call/" in e.name}
     errors = [ToolResult.model_validate_json(records[f"agent/r1/call/c{i}"]).is_error for i in range(1, 6)]
     assert errors == [True, True, True, True, False]

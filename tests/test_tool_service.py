@@ -443,7 +443,7 @@ async def test_bad_calls_reach_the_model_as_error_results_and_the_loop_goes_on(
     assert shown["r1c7"] == "tool hang timed out after 0.5 s"
     assert shown["r1c8"] == "fine"
     assert asked[2].results == [("r2c1", "after the errors")]  # the loop went on, tools still work
-    # The recorded results carry is_error (the model's messages carry only the text).
+    # The recorded results carry is_error, as the model's tool messages do (tests/test_tool_loop.py).
     records = await call_records(db, key)
     flags = {name.rsplit("/", 1)[1]: [r.is_error for r in rs] for name, rs in records.items()}
     assert flags == {**{f"r1c{i}": [True] for i in range(1, 8)}, "r1c8": [False], "r2c1": [False]}

@@ -72,6 +72,10 @@ def test_messages_are_consistent() -> None:
         LlmMessage(role="tool", content="5")
     with pytest.raises(ValidationError, match="tool_call_id"):
         LlmMessage(role="user", content="hi", tool_call_id="c1")
+    with pytest.raises(ValidationError, match="only a tool message can be an error"):
+        LlmMessage(role="assistant", content="hi", is_error=True)
+    failed = LlmMessage.tool(ToolResult(call_id="c1", content="tool x failed: boom", is_error=True))
+    assert (failed.role, failed.tool_call_id, failed.is_error) == ("tool", "c1", True)
     with pytest.raises(ValidationError, match="only assistant"):
         LlmMessage(role="user", tool_calls=[ToolCall.of("c1", "add")])
     assert ToolCall.of("c1", "add", {"a": 1}).arguments == '{"a": 1}'

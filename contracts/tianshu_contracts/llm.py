@@ -73,13 +73,15 @@ class LlmMessage(WireModel):
     """One message of a conversation.
 
     An assistant message may carry `tool_calls`; a `tool` message answers one of them and names it
-    in `tool_call_id`.
+    in `tool_call_id`, and says with `is_error` that the call failed (`content` says why), for the
+    providers that tell the model so.
     """
 
     role: Role
     content: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None
+    is_error: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> LlmMessage:
@@ -87,6 +89,8 @@ class LlmMessage(WireModel):
             raise ValueError("only assistant messages carry tool_calls")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise ValueError("a tool message needs a tool_call_id, and only a tool message has one")
+        if self.is_error and self.role != "tool":
+            raise ValueError("only a tool message can be an error")
         return self
 
     @classmethod
@@ -107,7 +111,7 @@ class LlmMessage(WireModel):
     @classmethod
     def tool(cls, result: ToolResult) -> LlmMessage:
         """The `tool` message that carries `result` back to the model."""
-        return cls(role="tool", content=result.content, tool_call_id=result.call_id)
+        return cls(role="tool", content=result.content, tool_call_id=result.call_id, is_error=result.is_error)
 
 
 class Usage(WireModel):
