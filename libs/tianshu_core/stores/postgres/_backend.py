@@ -318,7 +318,7 @@ class PgBackend:
         self._closed = False
         # The lane: up to `lane` connections kept out of the pool between operations, reused
         # directly. asyncpg's acquire and release cost about 50 us an operation (a shielded task,
-        # several loop turns): a quarter of a step's commit here. The lane is always smaller than
+        # several loop turns): a sixth of a step's commit here. The lane is always smaller than
         # the pool, so a caller that finds it busy takes a pooled connection and never waits on it.
         self._lane = max(0, min(lane, pool.get_max_size() - 1))
         self._spare: list[Conn] = []
@@ -376,9 +376,10 @@ class PgBackend:
                     conn.terminate()  # its protocol state is unknown: never reuse it
                     raise
                 raise asyncpg.exceptions.ConnectionDoesNotExistError(f"connection lost: {exc}") from exc
-            except asyncpg.PostgresError:
-                # The server answered: the connection is sound, only the statement failed.
-                clean = True
+            except asyncpg.PostgresError as exc:
+                # The server answered: unless it is ending the session (an admin shutdown, a
+                # connection failure), the connection is sound and only the statement failed.
+                clean = not is_transient(exc)
                 raise
             finally:
                 await asyncio.shield(self._give(conn, in_lane, clean))
