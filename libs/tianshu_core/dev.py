@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .embedded import _free_port  # one free-port probe for the package
 from .errors import TianshuError
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "tianshu" / "dev"
@@ -91,12 +92,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _quiet(_error: Exception) -> None:
