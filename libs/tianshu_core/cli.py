@@ -1,18 +1,21 @@
-"""The `tianshu` command: database migrations, case inspection, and the scheduler over NATS.
+"""The `tianshu` command: database migrations, case inspection, the scheduler and dead letters over NATS.
 
 `db` and `cases list|show|history|purge` read Postgres (`TIANSHU_DATABASE_URL`); `start`,
 `events publish`, `cases cancel|pause|resume` and `cases show --via-nats` go through NATS
-(`TIANSHU_NATS_*`, see `NatsSettings`) to a running scheduler. Errors print one line, no traceback.
+(`TIANSHU_NATS_*`, see `NatsSettings`) to a running scheduler; `dlq list|show|replay` reads and
+replays the TIANSHU_DLQ stream (see `tianshu_core.dlq`). Errors print one line, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,8 @@ import asyncpg
 import nats.errors
 from pydantic import ValidationError
 
-from . import serde
-from .bus import NatsSettings
+from . import dlq, serde
+from .bus import NatsSettings, connect
 from .client import SchedulerUnavailableError, TianshuClient
 from .dev import DEFAULT_DATA_DIR, DevOptions, run_dev
 from .engine import Engine
@@ -49,6 +52,55 @@ def _json_file(path: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _letter_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dead letter id (a positive integer)")
+    return value
+
+
+def _origin(text: str) -> str:
+    try:
+        return dlq.origin_pattern(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _since(text: str) -> datetime:
+    try:
+        return dlq.parse_since(text, datetime.now(UTC))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+_ORIGIN_HELP = (
+    "only letters from this original subject or subject pattern, with or without 'tianshu.v1.' "
+    "(events.>, tools.calls.search, cases.*.command); one without a final '>' also takes the "
+    "subjects below it"
+)
+_REPLAY_EPILOG = """\
+Each letter's original payload is published with its original headers (Nats-Msg-Id and trace
+context included) on its original subject, and the letter is deleted once JetStream has
+acknowledged it. Per letter, one of:
+
+  replayed   sent; the letter is deleted, so replaying --all twice sends nothing the second time
+  duplicate  not sent: the target stream still has its Nats-Msg-Id inside its duplicate window
+             (2 minutes by default); the letter stays, replay it once the window has passed
+  refused    not sent: its payload was truncated (it cannot be sent as it was), or it is a tool
+             call whose deadline has passed (its case may already have been told that the call
+             failed; see --force)
+  not_found  no letter with that id
+  failed     the server did not take it (no stream captures its subject, too large, no ack)
+
+Exit status: 0 when every letter was replayed or is a duplicate (a duplicate is reported but is
+not an error: nothing was lost and the letter stays); 1 when any was refused, not found or failed;
+2 when the dead letters could not be read at all (no connection, no TIANSHU_DLQ stream).
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,14 +187,67 @@ def _parser() -> argparse.ArgumentParser:
         command = cases.add_parser(verb, parents=[via_nats], help=f"{what} (a message to the scheduler)")
         command.add_argument("case_key")
         command.add_argument("--reason")
+
+    letters = sub.add_parser(
+        "dlq", help="dead letters: messages that could not be handled, kept in the TIANSHU_DLQ stream"
+    ).add_subparsers(dest="command", required=True)
+    dl_list = letters.add_parser(
+        "list",
+        parents=[via_nats],
+        help="list dead letters, oldest first: id, time, reason, deliveries, subject, error",
+    )
+    dl_list.add_argument("--origin", type=_origin, metavar="SUBJECT", help=_ORIGIN_HELP)
+    dl_list.add_argument(
+        "--since",
+        type=_since,
+        metavar="TIME",
+        help="only letters dead-lettered since TIME: ISO-8601 (UTC when it names no zone) or a "
+        "duration back from now (90s, 10m, 2h, 1d)",
+    )
+    dl_list.add_argument("--json", action="store_true", help="a JSON array: each letter's fields and its id")
+    dl_show = letters.add_parser("show", parents=[via_nats], help="one dead letter, payload included")
+    dl_show.add_argument("id", type=_letter_id, help="the letter's id (its sequence in TIANSHU_DLQ)")
+    dl_show.add_argument("--json", action="store_true", help="the letter's fields and its id, as JSON")
+    replay = letters.add_parser(
+        "replay",
+        parents=[via_nats],
+        help="send dead letters back to their original subjects",
+        description="Send dead letters back to their original subjects.",
+        epilog=_REPLAY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("ids", nargs="*", type=_letter_id, metavar="ID", help="the letters to replay")
+    replay.add_argument("--all", action="store_true", help="replay every letter (of --origin, if given)")
+    replay.add_argument("--origin", type=_origin, metavar="SUBJECT", help="with --all: " + _ORIGIN_HELP)
+    replay.add_argument(
+        "--force",
+        action="store_true",
+        help="send expired tool calls too, with their deadline set to null and their headers "
+        "(Nats-Msg-Id) unchanged. Careful: the tool then runs although its case may already have "
+        "been told that the call failed",
+    )
+    replay.add_argument("--json", action="store_true", help="a JSON array of {id, subject, outcome, detail}")
     return parser
 
 
-async def _run_nats(args: argparse.Namespace) -> int:
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot say: `dlq replay` takes IDs or --all, and --origin only with --all."""
+    if args.group == "dlq" and args.command == "replay":
+        if bool(args.ids) == args.all:
+            parser.error("dlq replay: give the letters' IDs, or --all")
+        if args.origin is not None and not args.all:
+            parser.error("dlq replay: --origin goes with --all")
+
+
+def _nats_settings(args: argparse.Namespace) -> NatsSettings:
     settings = NatsSettings(url=args.nats_url) if args.nats_url else NatsSettings()
     if "startup_timeout_s" not in settings.model_fields_set:  # a person is waiting: fail sooner
         settings = settings.model_copy(update={"startup_timeout_s": _CLI_STARTUP_TIMEOUT_S})
-    async with TianshuClient.connect(settings) as client:
+    return settings
+
+
+async def _run_nats(args: argparse.Namespace) -> int:
+    async with TianshuClient.connect(_nats_settings(args)) as client:
         if args.group == "start":
             accepted = await client.start_case(
                 args.workflow_code, args.input, case_key=args.key, session_id=args.session
@@ -167,6 +272,45 @@ async def _run_nats(args: argparse.Namespace) -> int:
             print(case.model_dump_json(indent=2))
             return 0
         return await _send_command(client, args.command, args.case_key, args.reason)
+
+
+async def _run_dlq(args: argparse.Namespace) -> int:
+    settings = _nats_settings(args)
+    nc = await connect(settings, name=settings.name or "tianshu-cli")
+    try:
+        letters = dlq.DeadLetters(nc, timeout_s=settings.request_timeout_s)
+        if args.command == "list":
+            found = await letters.list_letters(origin=args.origin, since=args.since)
+            if args.json:
+                print(json.dumps([stored.to_json() for stored in found], indent=2))
+            elif found:
+                print("\n".join(dlq.summary_line(stored) for stored in found))
+            else:
+                print("no dead letters", file=sys.stderr)
+            return 0
+        if args.command == "show":
+            one = await letters.get(args.id)
+            if one is None:
+                print(f"no dead letter with id {args.id}", file=sys.stderr)
+                return 1
+            print(json.dumps(one.to_json(), indent=2) if args.json else dlq.describe(one))
+            return 0
+        results: list[dlq.ReplayResult] = []
+        each = letters.replay_each(None if args.all else args.ids, origin=args.origin, force=args.force)
+        async with contextlib.aclosing(each):
+            async for result in each:
+                results.append(result)
+                if not args.json:  # as it goes: if the connection drops, what was done is on screen
+                    print(dlq.result_line(result), flush=True)
+    finally:
+        await nc.close()
+    if args.json:
+        print(json.dumps([result.to_json() for result in results], indent=2))
+    else:
+        counts = {outcome: sum(r.outcome is outcome for r in results) for outcome in dlq.Outcome}
+        summary = ", ".join(f"{n} {outcome.value.replace('_', ' ')}" for outcome, n in counts.items() if n)
+        print(summary or "no dead letters to replay", file=sys.stderr)
+    return 0 if all(result.ok for result in results) else 1
 
 
 async def _send_command(client: TianshuClient, verb: str, case_key: str, reason: str | None) -> int:
@@ -197,6 +341,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             data_dir=args.data_dir,
         )
         return await run_dev(options)
+    if args.group == "dlq":
+        return await _run_dlq(args)
     if args.group in ("start", "events") or args.command in _COMMANDS or getattr(args, "via_nats", False):
         return await _run_nats(args)
     from .stores.postgres import connect_postgres, migrate, schema_version
@@ -253,7 +399,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tianshu` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
     try:
         return asyncio.run(_run(args, Settings()))
     except ValidationError as exc:  # a bad setting in the environment, or a field out of bounds
