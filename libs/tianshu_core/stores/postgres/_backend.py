@@ -331,7 +331,7 @@ class PgBackend:
             if _idle_and_open(conn):
                 return conn, True
             self._held -= 1  # it closed while it waited here: the pool has taken it back
-            await self.pool.release(conn)
+            await self._release(conn)
         if self._held < self._lane:
             self._held += 1
             try:
@@ -357,7 +357,18 @@ class PgBackend:
             return
         if in_lane:
             self._held -= 1
-        await self.pool.release(conn)
+        await self._release(conn)
+
+    async def _release(self, conn: Conn) -> None:
+        """Back to the pool. A connection whose backend was terminated may have been taken back by
+        the pool already, its proxy not yet detached: asyncpg then calls the release a second one
+        ("called on a free connection holder"); there is nothing left to give back."""
+        try:
+            await self.pool.release(conn)
+        except asyncpg.exceptions.InternalClientError:
+            if _attached(conn) and not conn.is_closed():
+                raise
+            log.debug("a closed connection was back in the pool already")
 
     async def run(self, what: str, op: Op[T], *, idempotent: bool = True) -> T:
         """Run `op` on a pooled connection, retrying transient failures with backoff."""
@@ -436,7 +447,7 @@ class PgBackend:
         spare, self._spare = self._spare, []
         for conn in spare:
             self._held -= 1
-            await self.pool.release(conn)
+            await self._release(conn)
         try:
             await asyncio.wait_for(self.pool.close(), grace)
         except TimeoutError:
