@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # Touched after a successful install; reinstall when pyproject.toml is newer.
 STAMP := $(VENV)/.tianshu-dev-installed
 
-.PHONY: help venv test lint typecheck pytest demo dev bench bench-compare clean
+.PHONY: help venv test lint typecheck pytest demo dev bench bench-compare fuzz clean
 
 help:
 	@echo "make demo           run the approval demo (embedded Postgres unless TIANSHU_DATABASE_URL is set)"
@@ -21,6 +21,7 @@ help:
 	@echo "make typecheck      mypy (strict; configured in pyproject.toml)"
 	@echo "make bench          run the benchmarks (bench/run bench)"
 	@echo "make bench-compare  compare against the stored baseline (bench/run compare)"
+	@echo "make fuzz           fuzz the bus: FUZZ_EXAMPLES bad messages (500), FUZZ_SEED to replay a run"
 	@echo "make venv           create $(VENV) and install the project with its dev extras"
 	@echo "make clean          remove caches and build output (keeps $(VENV))"
 
@@ -64,7 +65,14 @@ bench: venv
 bench-compare: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bench/run compare
 
+# tests/fuzz_bus.py: bad messages on every subject the services consume must be refused on their
+# first delivery, and good cases among them must finish. It prints the seed; FUZZ_SEED replays it.
+FUZZ_EXAMPLES ?= 500
+FUZZ_SEED ?=
+fuzz: venv
+	$(BIN)/python -m tests.fuzz_bus --examples $(FUZZ_EXAMPLES) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
+
 clean:
-	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -type d -print0 \
 		| xargs -0 rm -rf

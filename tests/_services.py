@@ -122,6 +122,23 @@ class SchedulerProcess:
         self.kill()
 
 
+def retry_budget_env(max_deliver: int, initial_s: float, max_s: float) -> dict[str, str]:
+    """The delivery budget and the retry backoff of a scheduler and a tool runner alike (pass it to
+    both: each reads its own prefix)."""
+    env = {}
+    for service in ("SCHEDULER", "TOOL_RUNNER"):
+        env[f"TIANSHU_{service}_MAX_DELIVER"] = str(max_deliver)
+        env[f"TIANSHU_{service}_RETRY_INITIAL_S"] = str(initial_s)
+        env[f"TIANSHU_{service}_RETRY_MAX_S"] = str(max_s)
+    return env
+
+
+def budget_backoff_s(max_deliver: int, initial_s: float, max_s: float) -> float:
+    """The budget's total backoff: the wait after each of its deliveries, min(max, initial·2^(n-1)),
+    summed over n = 1 … max_deliver (the services' jitter aside)."""
+    return sum(min(max_s, initial_s * 2.0 ** (n - 1)) for n in range(1, max_deliver + 1))
+
+
 def effects(workdir: Path) -> list[tuple[str, str, int]]:
     """(case key, what, pid) for every recorded step-body execution."""
     path = workdir / "effects.log"

@@ -2,7 +2,9 @@
 
 Schedulers load the workflow (`TIANSHU_WORKFLOWS=tests.e2e_agent`), tool runners the tools
 (`TIANSHU_TOOLS=tests.e2e_agent`: the module-level `tools` registry). The workflow offers the model
-those tools plus `ghost`, which no runner serves.
+those tools plus `ghost`, which no runner serves. `e2e_wait_then_agent` runs the same loop after a
+wait for an event on ("order", its case key), between two steps that record their runs in the
+effects log like `tests.e2e_workflows` (tests/test_outage.py, tests/fuzz_bus.py).
 
 The model is a `ScriptedLlm` whose reply is a function of the request and of the case's input:
 
@@ -34,6 +36,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from tests.e2e_tools import Lookup, _record, big, echo, fail, hang, sleep
+from tests.e2e_workflows import effect
 from tianshu_core import (
     LlmMessage,
     LlmRequest,
@@ -76,13 +79,20 @@ async def wait_file(path: str, tag: str = "") -> str:
     return f"found {Path(path).name}"
 
 
+@tool(safety=ToolSafety.READ_ONLY)
+async def nap_nul(seconds: Annotated[float, Field(ge=0, le=60)], tag: str = "") -> str:
+    """`nap`, answering with text that holds a NUL character (binary output, say)."""
+    await nap(seconds, tag)
+    return "binary\x00output"
+
+
 @tool
 async def ghost() -> str:
     """Offered to the model by the workflow, but served by no runner."""
     return "unreachable"
 
 
-tools = ToolRegistry([echo, sleep, fail, hang, big, Lookup(), nap, wait_file])
+tools = ToolRegistry([echo, sleep, fail, hang, big, Lookup(), nap, nap_nul, wait_file])
 """What the runners serve."""
 
 offered = ToolRegistry([*tools, ghost])
@@ -133,9 +143,8 @@ async def _reply(case_key: str, spec: dict[str, Any], request: LlmRequest) -> Ll
     return LlmResponse.text(str(spec.get("answer", "done")))
 
 
-@registry.workflow("e2e_agent")
-async def agent(ctx: WorkflowContext) -> WorkflowResult:
-    """One tool loop (`agent`) driven by the scripted model above; the output is its final text."""
+async def _tool_loop(ctx: WorkflowContext) -> str:
+    """The tool loop `agent`, driven by the scripted model above with the case's input as its spec."""
     spec: dict[str, Any] = ctx.case.resource_data or {}
 
     async def reply(request: LlmRequest) -> LlmResponse:
@@ -146,8 +155,27 @@ async def agent(ctx: WorkflowContext) -> WorkflowResult:
         max_concurrency=int(spec.get("max_concurrency", 10)),
         tool_timeout_s=float(spec.get("tool_timeout_s", 30.0)),
     )
-    text = await ctx.tool_step("agent", ScriptedLlm(reply), offered, REQUEST, config)
-    return await ctx.finish("done", output=text)
+    return await ctx.tool_step("agent", ScriptedLlm(reply), offered, REQUEST, config)
+
+
+@registry.workflow("e2e_agent")
+async def agent(ctx: WorkflowContext) -> WorkflowResult:
+    """One tool loop (`agent`) driven by the scripted model above; the output is its final text."""
+    return await ctx.finish("done", output=await _tool_loop(ctx))
+
+
+@registry.workflow("e2e_wait_then_agent")
+async def wait_then_agent(ctx: WorkflowContext) -> WorkflowResult:
+    """A step, a wait for one event on ("order", the case key), the tool loop of `e2e_agent`, a last
+    step; the output is the event's payload and the loop's final text.
+
+    The steps `before` and `after` record their runs in the effects log (`tests._services.effects`).
+    """
+    await ctx.step("before", lambda: effect(ctx, "before"))
+    payload: Any = await ctx.wait_for_event("order", ctx.case.case_key)
+    text = await _tool_loop(ctx)
+    await ctx.step("after", lambda: effect(ctx, "after"))
+    return await ctx.finish("done", output={"event": payload, "answer": text})
 
 
 # -- reading the model log (for the tests) -----------------------------------------------------

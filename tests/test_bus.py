@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import nats.errors
 import pytest
 from nats.aio.client import Client
@@ -24,6 +25,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from pydantic import JsonValue, TypeAdapter
 
 from tests._nats import NatsServer, NatsServerFactory, TlsFiles, make_ca
 from tianshu_contracts import (
@@ -44,8 +46,6 @@ from tianshu_contracts import (
 from tianshu_core import bus
 from tianshu_core.bus import (
     Backoff,
-    BatchConsumer,
-    ConsumeOptions,
     ConsumerSpec,
     DeadLetterSink,
     Delivery,
@@ -57,7 +57,11 @@ from tianshu_core.bus import (
     StreamConfigError,
     StreamSpec,
     TianshuStreams,
+    Worker,
+    WorkerOptions,
 )
+from tianshu_core.errors import StoreUnavailableError
+from tianshu_core.transient import is_transient
 
 pytestmark = pytest.mark.nats
 
@@ -123,12 +127,14 @@ class Lane:
         return out
 
 
-async def make_lane(js: JetStreamContext, *, max_deliver: int = -1) -> Lane:
+async def make_lane(js: JetStreamContext, *, max_deliver: int = -1, ack_wait_s: float = 5) -> Lane:
     tag = uuid.uuid4().hex[:10]
     prefix = f"t{tag}"
     work = StreamSpec(f"W{tag.upper()}", (f"{prefix}.work.>",), retention="workqueue", duplicate_window_s=60)
     dlq = StreamSpec(f"D{tag.upper()}", (f"{prefix}.dlq.>",))
-    consumer = ConsumerSpec(work.name, f"c{tag}", f"{prefix}.work.>", ack_wait_s=5, max_deliver=max_deliver)
+    consumer = ConsumerSpec(
+        work.name, f"c{tag}", f"{prefix}.work.>", ack_wait_s=ack_wait_s, max_deliver=max_deliver
+    )
     await bus.ensure_streams(js, [work, dlq])
     await bus.ensure_consumer(js, consumer)
     return Lane(prefix, work, dlq, consumer)
@@ -139,23 +145,26 @@ async def start_consumer(
     lane: Lane,
     handler: Callable[[Command, Delivery], Awaitable[None]] | None = None,
     **options: Any,
-) -> BatchConsumer[Any]:
+) -> Worker[Any]:
     async def record(value: Any, delivery: Delivery) -> None:
         lane.seen.append((value, delivery))
 
     js = nc.jetstream()
     sub = await bus.pull_subscription(js, lane.consumer)
     tracer = options.pop("tracer", None)
-    opts = ConsumeOptions(**{"fetch_timeout_s": 0.25, "backoff": FAST, **options})
-    consumer: BatchConsumer[Any] = BatchConsumer(
+    adapter = options.pop("adapter", CASE_COMMAND_ADAPTER)
+    extra = {name: options.pop(name) for name in ("exhausted", "key") if name in options}
+    opts = WorkerOptions(**{"fetch_timeout_s": 0.25, "backoff": FAST, **options})
+    consumer: Worker[Any] = Worker(
         nc,
         sub,
-        CASE_COMMAND_ADAPTER,
+        adapter,
         handler or record,
         options=opts,
         dead_letters=lane.sink(nc, tracer=tracer),
         name=lane.consumer.durable,
         tracer=tracer,
+        **extra,
     )
     consumer.start()
     return consumer
@@ -259,7 +268,18 @@ async def test_trace_context_crosses_nats_and_the_consumer_span_joins_the_trace(
 # Consuming -------------------------------------------------------------------------------------
 
 
-async def test_a_failed_handler_naks_and_the_message_is_redelivered_then_processed(nc: Client) -> None:
+@pytest.mark.parametrize(
+    ("failure", "deliveries"),
+    [
+        # An outage: the worker keeps the message and tries again; no delivery is spent.
+        (ConnectionError("database away"), [1, 1]),
+        # A bug: the message is given back and comes again as delivery 2.
+        (RuntimeError("bug"), [1, 2]),
+    ],
+)
+async def test_a_failed_handler_is_tried_again_then_the_message_is_processed(
+    nc: Client, failure: Exception, deliveries: list[int]
+) -> None:
     js = nc.jetstream()
     lane = await make_lane(js)
     attempts: list[int] = []
@@ -267,14 +287,14 @@ async def test_a_failed_handler_naks_and_the_message_is_redelivered_then_process
     async def flaky(cmd: Command, delivery: Delivery) -> None:
         attempts.append(delivery.num_delivered)
         if len(attempts) == 1:
-            raise ConnectionError("database away")
+            raise failure
         lane.seen.append((cmd, delivery))
 
     consumer = await start_consumer(nc, lane, flaky, max_deliver=5)
     await bus.publish(js, lane.subject("k1"), CancelCase(case_key="k1"), msg_id="c1")
     await eventually(lambda: bool(lane.seen))
     await consumer.shutdown(2)
-    assert attempts == [1, 2]
+    assert attempts == deliveries
     info = await js.consumer_info(lane.work.name, lane.consumer.durable)
     assert info.num_ack_pending == 0 and info.num_pending == 0
     assert (await js.stream_info(lane.work.name)).state.messages == 0  # work queue: acked means gone
@@ -381,6 +401,177 @@ async def test_a_batch_keeps_the_order_of_one_key_and_runs_keys_concurrently(nc:
     await consumer.shutdown(2)
     assert order == {"a": list("01234"), "b": list("01234")}
     assert peak == 2
+
+
+# The worker's settling -------------------------------------------------------------------------
+
+
+async def test_not_strict_json_is_refused_on_its_first_delivery(nc: Client) -> None:
+    js = nc.jetstream()
+    lane = await make_lane(js)
+    bad = {
+        "nan": b"NaN",
+        "minus-inf": b"-Infinity",
+        "nested": b'{"x": [1, {"y": NaN}]}',
+        "inf": b"[Infinity]",
+    }
+    consumer = await start_consumer(nc, lane, adapter=TypeAdapter(JsonValue), max_deliver=3)
+    for name, data in bad.items():
+        await bus.publish(js, lane.subject(name), data, msg_id=f"id-{name}")
+    # The words inside a string are text, not values.
+    await bus.publish(js, lane.subject("words"), b'{"note": "NaN and Infinity"}', msg_id="id-words")
+    letters = await _wait_for_letters(js, lane, len(bad))
+    await eventually(lambda: len(lane.seen) == 1)
+    await consumer.shutdown(2)
+    assert lane.seen[0][0] == {"note": "NaN and Infinity"}
+    by_id = {letter.msg_id: letter for letter, _ in letters}
+    assert set(by_id) == {f"id-{name}" for name in bad}
+    for letter in by_id.values():
+        assert letter.reason == DeadLetterReason.NOT_STRICT_JSON and letter.delivery_count == 1
+        assert "not strict JSON" in letter.error.message
+    assert "-Infinity" in by_id["id-minus-inf"].error.message
+
+
+async def test_a_nul_character_is_refused_as_unstorable_where_asked(nc: Client) -> None:
+    js = nc.jetstream()
+    lane = await make_lane(js)
+    consumer = await start_consumer(nc, lane, refuse_nul=True)
+    nul = b'{"kind": "cancel_case", "case_key": "k", "reason": "a\\u0000b"}'
+    escaped = b'{"kind": "cancel_case", "case_key": "k2", "reason": "a\\\\u0000b"}'
+    await bus.publish(js, lane.subject("nul"), nul, msg_id="id-nul")
+    await bus.publish(js, lane.subject("escaped"), escaped, msg_id="id-escaped")
+    (letter, _), *_ = await _wait_for_letters(js, lane, 1)
+    await eventually(lambda: len(lane.seen) == 1)
+    await consumer.shutdown(2)
+    assert letter.msg_id == "id-nul" and letter.delivery_count == 1
+    assert letter.reason == DeadLetterReason.UNSTORABLE and "NUL" in letter.error.message
+    # A backslash followed by "u0000" is ordinary text.
+    assert lane.seen[0][0].reason == "a\\u0000b"
+
+
+async def test_an_outage_longer_than_the_budget_spends_no_delivery(nc: Client) -> None:
+    js = nc.jetstream()
+    lane = await make_lane(js)
+    attempts: list[int] = []
+
+    async def outage(cmd: Command, delivery: Delivery) -> None:
+        attempts.append(delivery.num_delivered)
+        if len(attempts) <= 6:
+            raise asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+        lane.seen.append((cmd, delivery))
+
+    consumer = await start_consumer(nc, lane, outage, max_deliver=2)
+    await bus.publish(js, lane.subject("k"), CancelCase(case_key="k"), msg_id="k")
+    await eventually(lambda: bool(lane.seen))
+    await consumer.shutdown(2)
+    assert attempts == [1] * 7  # held and tried again: never redelivered, never dead-lettered
+    assert (await js.stream_info(lane.dlq.name)).state.messages == 0
+    info = await js.consumer_info(lane.work.name, lane.consumer.durable)
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+async def test_stopping_during_an_outage_gives_the_message_back(nc: Client, nats_url: str) -> None:
+    js = nc.jetstream()
+    lane = await make_lane(js)
+    tried = asyncio.Event()
+
+    async def down(cmd: Command, delivery: Delivery) -> None:
+        tried.set()
+        raise nats.errors.NoServersError()
+
+    client = await bus.connect(settings(nats_url))
+    consumer = await start_consumer(client, lane, down)
+    await bus.publish(js, lane.subject("k"), CancelCase(case_key="k"))
+    await tried.wait()
+    began = time.monotonic()
+    assert await consumer.shutdown(5)
+    assert time.monotonic() - began < 2
+    other = await bus.pull_subscription(js, lane.consumer)
+    (msg,) = await other.fetch(1, timeout=2)
+    assert msg.metadata.num_delivered == 2
+    await msg.ack()
+    await client.close()
+
+
+async def test_the_worker_holds_no_more_than_its_free_slots(nc: Client) -> None:
+    js = nc.jetstream()
+    lane = await make_lane(js)
+    running = 0
+    peak = 0
+    pending: list[int] = []
+
+    async def slow(cmd: Command, delivery: Delivery) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        pending.append((await js.consumer_info(lane.work.name, lane.consumer.durable)).num_ack_pending)
+        await asyncio.sleep(0.05)
+        lane.seen.append((cmd, delivery))
+        running -= 1
+
+    for i in range(12):
+        await bus.publish(js, lane.subject(f"k{i}"), CancelCase(case_key=f"k{i}"))
+    consumer = await start_consumer(nc, lane, slow, concurrency=3, batch=8)
+    await eventually(lambda: len(lane.seen) == 12)
+    await consumer.shutdown(2)
+    assert peak == 3
+    assert max(pending) <= 3, pending
+
+
+async def test_a_long_handler_is_kept_in_progress_and_runs_once(nc: Client) -> None:
+    js = nc.jetstream()
+    lane = await make_lane(js, ack_wait_s=1)
+    runs: list[int] = []
+
+    async def long(cmd: Command, delivery: Delivery) -> None:
+        runs.append(delivery.num_delivered)
+        await asyncio.sleep(3)
+        lane.seen.append((cmd, delivery))
+
+    consumer = await start_consumer(nc, lane, long, heartbeat_s=0.3)
+    await bus.publish(js, lane.subject("k"), CancelCase(case_key="k"))
+    await eventually(lambda: bool(lane.seen), within=10)
+    await consumer.shutdown(2)
+    assert runs == [1]
+    info = await js.consumer_info(lane.work.name, lane.consumer.durable)
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+
+
+async def test_an_exhausted_message_goes_to_the_exhausted_handler(nc: Client) -> None:
+    js = nc.jetstream()
+    lane = await make_lane(js)
+    await bus.publish(js, lane.subject("k"), CancelCase(case_key="k"), msg_id="once")
+    raw = await bus.pull_subscription(js, lane.consumer)
+    (first,) = await raw.fetch(1, timeout=2)
+    await first.nak()  # a runner died with it
+    await raw.unsubscribe()
+    answered: list[int] = []
+
+    async def exhausted(cmd: Command, delivery: Delivery) -> None:
+        answered.append(delivery.num_delivered)
+
+    consumer = await start_consumer(nc, lane, max_deliver=1, exhausted=exhausted)
+    await eventually(lambda: bool(answered))
+    await consumer.shutdown(2)
+    assert answered == [2] and lane.seen == []
+    assert (await js.stream_info(lane.dlq.name)).state.messages == 0
+
+
+def test_one_classifier_says_what_an_outage_is() -> None:
+    assert is_transient(asyncpg.exceptions.AdminShutdownError("terminated"))
+    assert is_transient(asyncpg.exceptions.TooManyConnectionsError("full"))
+    assert is_transient(ConnectionRefusedError())
+    assert is_transient(TimeoutError())  # a pool or NATS timeout
+    assert is_transient(nats.errors.TimeoutError())
+    assert is_transient(nats.errors.ConnectionClosedError())
+    assert is_transient(nats.errors.NoServersError())
+    assert is_transient(StoreUnavailableError("out of retries"))
+    assert not is_transient(asyncpg.exceptions.UniqueViolationError("dup"))
+    assert not is_transient(asyncpg.exceptions.CharacterNotInRepertoireError("NUL"))
+    assert not is_transient(asyncpg.exceptions.QueryCanceledError("statement timeout"))
+    assert not is_transient(FileNotFoundError("/no/such/file"))
+    assert not is_transient(RuntimeError("a bug"))
+    assert not is_transient(ValueError("bad input"))
 
 
 # Connecting ------------------------------------------------------------------------------------
@@ -604,7 +795,7 @@ async def test_the_bus_works_on_nats_2_9(
     async def flaky(cmd: Command, delivery: Delivery) -> None:
         attempts.append(delivery.num_delivered)
         if delivery.num_delivered == 1:
-            raise ConnectionError("transient")
+            raise RuntimeError("a bug, once")
         lane.seen.append((cmd, delivery))
 
     consumer = await start_consumer(client, lane, flaky, max_deliver=3)
@@ -622,8 +813,9 @@ async def test_the_bus_works_on_nats_2_9(
 
 def test_public_exports_are_pinned() -> None:
     assert set(bus.__all__) == {
-        *("Backoff", "BatchConsumer", "ConsumeOptions", "ConsumerSpec", "DeadLetterSink", "Delivery"),
-        *("GracefulShutdown", "Handler", "NatsSettings", "NatsStartupError", "Outcome", "RejectMessage"),
+        *("Backoff", "Worker", "WorkerOptions", "ConsumerSpec", "DeadLetterSink", "Delivery"),
+        *("GracefulShutdown", "Handler", "KeyFn", "NatsSettings", "NatsStartupError", "Outcome"),
+        *("RejectMessage", "by_subject"),
         *("Responder", "Stoppable", "StreamConfigError", "StreamSpec", "TianshuStreams", "connect"),
         *("encode", "ensure_consumer", "ensure_consumers", "ensure_stream", "ensure_streams", "extract"),
         *("inject", "publish", "publish_core", "pull_subscription", "redact", "request"),

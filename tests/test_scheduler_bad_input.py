@@ -127,13 +127,43 @@ async def existing_case(nc: Client, url: str, key: str) -> None:
 
 
 def stream_garbage(run: str, existing: str) -> list[Garbage]:
-    """Bad messages for the three stream subjects."""
+    """Bad messages for the four stream subjects."""
     start = subjects.CASES_START
     command = subjects.case_command(existing)
     nobody = f"nobody-{run}"
     event = f"tianshu.v1.events.order.{run}"
     deep = "[" * 5000 + "]" * 5000
+
+    def result(case_key: str, content: str = "ok", **fields: Any) -> bytes:
+        return dumps(
+            {
+                "kind": "tool_call_result",
+                "call_id": f"call-{run}",
+                "case_key": case_key,
+                "step": "tool:1",
+                "result": {"call_id": "m-1", "content": content, "is_error": False},
+                "runner": "fuzz",
+                "duration_s": 0.1,
+                **fields,
+            }
+        )
+
+    mine = subjects.tool_result(existing)
     return [
+        # tianshu.v1.tools.results.<case_key>
+        Garbage("tool result: not JSON", mine, b"result!", "undecodable"),
+        Garbage("tool result: wrong types", mine, result(existing, duration_s="slow"), "schema_invalid"),
+        Garbage(
+            "tool result: for a case that does not exist",
+            subjects.tool_result(nobody),
+            result(nobody),
+            "unknown_case",
+        ),
+        Garbage("tool result: body names another case", mine, result(nobody), "key_mismatch"),
+        Garbage("tool result: NUL in its content", mine, result(existing, "a\u0000b"), "unstorable"),
+        Garbage(
+            "tool result: NaN duration", mine, result(existing).replace(b"0.1", b"NaN"), "not_strict_json"
+        ),
         # tianshu.v1.cases.start
         Garbage("start: not JSON", start, b'{"kind": "start_case", "workflow_code": ', "undecodable"),
         Garbage("start: not UTF-8", start, b"\xff\xfe\x00garbage", "undecodable"),
@@ -173,22 +203,20 @@ def stream_garbage(run: str, existing: str) -> list[Garbage]:
             "start: NUL in the input (Postgres cannot store it)",
             start,
             start_body(workflow_code="e2e_steps", input={"text": "a\u0000b"}),
-            "refused",
-            "unstorable_value",
+            "unstorable",
         ),
         Garbage(
             "start: NUL in the session id",
             start,
             start_body(workflow_code="e2e_steps", session_id="s\u0000"),
-            "refused",
-            "unstorable_value",
+            "unstorable",
         ),
         Garbage(
             "start: integer over 64 bits in the input",
             start,
             start_body(workflow_code="e2e_steps", input={"n": 123456789012345678901234567890}),
-            "refused",
-            "step_result_not_serializable",
+            "unstorable",
+            "unstorable_value",
         ),
         Garbage(
             "start: over the size limit",
@@ -217,15 +245,13 @@ def stream_garbage(run: str, existing: str) -> list[Garbage]:
             "command: body disagrees with its subject",
             command,
             dumps({"kind": "cancel_case", "case_key": nobody}),
-            "refused",
-            "subject_mismatch",
+            "key_mismatch",
         ),
         Garbage(
             "command: unknown case key",
             subjects.case_command(nobody),
             dumps({"kind": "cancel_case", "case_key": nobody}),
-            "refused",
-            "case_not_found",
+            "unknown_case",
         ),
         Garbage(
             "command: case key in the subject not a plain token",
@@ -245,13 +271,30 @@ def stream_garbage(run: str, existing: str) -> list[Garbage]:
         Garbage("event: truncated JSON", event, b'{"paid": 4', "undecodable"),
         Garbage("event: not UTF-8", event, b'"\xc3\x28"', "undecodable"),
         Garbage("event: nesting too deep", event, deep.encode(), "undecodable"),
-        Garbage("event: NUL in a string", event, dumps({"text": "a\u0000b"}), "refused", "unstorable_value"),
-        Garbage("event: NUL in a key", event, dumps({"\u0000": 1}), "refused", "unstorable_value"),
+        Garbage("event: NUL in a string", event, dumps({"text": "a\u0000b"}), "unstorable"),
+        Garbage("event: NUL in a key", event, dumps({"\u0000": 1}), "unstorable"),
+        # Strict JSON: Python's json reads these, RFC 8259 does not allow them.
+        Garbage("event: NaN", event, b"NaN", "not_strict_json"),
+        Garbage("event: -Infinity", event, b"-Infinity", "not_strict_json"),
+        Garbage("event: NaN in an object", event, b'{"x": NaN}', "not_strict_json"),
+        Garbage("event: number beyond a double", event, b'{"x": 1e400}', "unstorable"),
+        Garbage(
+            "start: NaN in the input",
+            start,
+            b'{"kind": "start_case", "workflow_code": "e2e_steps", "input": {"x": NaN}}',
+            "not_strict_json",
+        ),
+        Garbage(
+            "command: Infinity in a field",
+            command,
+            b'{"kind": "cancel_case", "case_key": "x", "reason": Infinity}',
+            "not_strict_json",
+        ),
         Garbage(
             "event: integer over 64 bits",
             event,
             b'{"n": 123456789012345678901234567890}',
-            "refused",
+            "unstorable",
             "unstorable_value",
         ),
         Garbage("event: over the size limit", event, dumps({"blob": "x" * TOO_LARGE}), "too_large"),
@@ -434,3 +477,29 @@ async def test_garbage_on_every_subject_is_refused_with_a_reason_and_the_schedul
 
     assert "Traceback" not in log, log[-5000:]
     assert executions(tmp_path)[(fire_and_forget, "after")] == 1
+
+
+async def test_events_that_are_not_strict_json_wake_nothing_and_the_next_good_one_is_consumed(
+    tmp_path: Path, db_url: str, nats_server_8mb: NatsServer, nc: Client
+) -> None:
+    key = f"strict-{uuid.uuid4().hex[:8]}"
+    js = nc.jetstream()
+    with SchedulerProcess(tmp_path, db_url, nats_server_8mb.url):
+        await js.publish(subjects.CASES_START, start_body(workflow_code="e2e_wait", case_key=key))
+        await wait_state(db_url, key, ExecutionState.WAITING)
+        subject = f"tianshu.v1.events.order.{key}"
+        bad = [b"NaN", b"-Infinity", b'{"x": NaN}']
+        for i, body in enumerate(bad):
+            await js.publish(subject, body, headers={subjects.HEADER_MSG_ID: f"{key}-bad-{i}"})
+        letters = await dead_letters(nc, len(bad))
+        mine = [DEAD_LETTER_ADAPTER.validate_json(m.data) for m in letters if m.data is not None]
+        mine = [letter for letter in mine if letter.subject == subject]
+        assert sorted(letter.msg_id or "" for letter in mine) == [f"{key}-bad-{i}" for i in range(3)]
+        assert all(letter.reason.value == "not_strict_json" and letter.delivery_count == 1 for letter in mine)
+        # Nothing woke the case, nothing was stored for it: it still waits, and the next good event
+        # is the one it consumes (NaN never reaches it as null).
+        waiting = await case_of(db_url, key)
+        assert waiting is not None and waiting.execution_state is ExecutionState.WAITING
+        await js.publish(subject, dumps({"x": 1.5}), headers={subjects.HEADER_MSG_ID: f"{key}-good"})
+        done = await wait_state(db_url, key, ExecutionState.FINISHED)
+    assert done.output == {"x": 1.5}

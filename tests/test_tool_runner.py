@@ -38,6 +38,7 @@ from tests._tool_runner import (
     send_call,
 )
 from tianshu_contracts import ToolCallRequest, subjects
+from tianshu_core.tools import nul_message
 from tianshu_tool_runner.loader import ToolLoadError, load_tools
 from tianshu_tool_runner.settings import ToolRunnerSettings
 
@@ -150,6 +151,7 @@ class TestServing:
             "not json": new_call("echo", "{not json"),
             "not an object": new_call("echo", "[1, 2]"),
             "unknown tool": new_call("nosuch", {"q": 1}),
+            "nul in its result": new_call("echo", {"text": "a\x00b"}),
             "raises": new_call("fail", {"message": "the disk is full"}),
             "hangs": new_call("hang", {}, timeout_s=0.3),
             "hangs in a thread": new_call("hang_sync", {"seconds": 30}, timeout_s=0.3),
@@ -167,6 +169,8 @@ class TestServing:
             "invalid arguments for tool echo: expected a JSON object, got list"
         )
         assert answers["unknown tool"].content == "unknown tool: nosuch"
+        # Postgres cannot store a NUL: the model is told at once instead of the call failing later.
+        assert answers["nul in its result"].content == nul_message("echo")
         assert answers["raises"].content == "tool fail failed: RuntimeError: the disk is full"
         assert answers["hangs"].content == "tool hang timed out after 0.3 s"
         assert answers["hangs in a thread"].content == "tool hang_sync timed out after 0.3 s"
@@ -189,20 +193,26 @@ class TestServing:
         assert answer.content.endswith(f"\n[truncated: {kept} of 10001 bytes]")
         assert answer.content.startswith("éé") and kept > 1900
 
-    async def test_a_call_past_its_deadline_is_answered_at_once_without_running(
+    async def test_a_call_past_its_deadline_is_dead_lettered_expired_without_running(
         self, js: JetStreamContext, runner: ToolRunnerProcess, results: Results
     ) -> None:
         past = new_call(
             "sleep", {"seconds": 5, "tag": "late"}, deadline=datetime.now(UTC) - timedelta(seconds=1)
         )
         soon = new_call("hang", {}, timeout_s=30, deadline=datetime.now(UTC) + timedelta(seconds=0.5))
-        for call in (past, soon):
-            await send_call(js, call)
-        answer = (await results.wait(past.call_id, within=3)).result
-        assert answer.is_error
-        assert answer.content.startswith("tool sleep was not run: the call's deadline (")
-        assert answer.content.endswith(") had passed")
+        async with DeadLetters(js) as letters:
+            for call in (past, soon):
+                await send_call(js, call)
+            await letters.until(
+                lambda: any(d.msg_id == past.call_id for d in letters.all()), within=5, what="a letter"
+            )
+            (letter,) = [d for d in letters.all() if d.msg_id == past.call_id]
+        # Its case has told the model the call failed: running it now would be an unseen side effect.
+        assert letter.reason.value == "expired" and letter.delivery_count == 1, letter
+        assert letter.msg_id == past.call_id
+        assert "deadline" in letter.error.message and letter.error.code == "expired"
         assert sleeps(executions(runner.tool_log), "late") == []
+        assert past.call_id not in results.by_call
         # A deadline sooner than the timeout cuts the run short.
         cut = await results.wait(soon.call_id, within=5)
         assert cut.result.is_error and cut.result.content.startswith("tool hang timed out after 0.")
@@ -217,13 +227,17 @@ class TestServing:
             await js.publish(subjects.tool_call("echo"), b"\xff not json")
             await js.publish(subjects.tool_call("echo"), json.dumps({"kind": "tool_call_request"}).encode())
             await js.publish(subjects.tool_call("lookup"), json.dumps(body).encode())
-            await letters.until(lambda: len(letters.messages) >= 3, within=10, what="three dead letters")
-            by_reason = {d.reason.value: d for d in letters.all()}
-        assert set(by_reason) == {"undecodable", "schema_invalid", "refused"}
-        assert by_reason["schema_invalid"].error.message.startswith("not a valid tool call: ")
+            mine = {subjects.tool_call("echo"), subjects.tool_call("lookup")}
+            await letters.until(
+                lambda: sum(d.subject in mine for d in letters.all()) >= 3, within=10, what="3 letters"
+            )
+            by_reason = {d.reason.value: d for d in letters.all() if d.subject in mine}
+        assert set(by_reason) == {"undecodable", "schema_invalid", "key_mismatch"}
+        assert by_reason["schema_invalid"].error.message.startswith("not a valid message for its subject: ")
         assert "call_id: Field required" in by_reason["schema_invalid"].error.message
-        assert by_reason["refused"].error.code == "subject_mismatch"
-        assert by_reason["refused"].subject == subjects.tool_call("lookup")
+        assert by_reason["key_mismatch"].error.code == "key_mismatch"
+        assert by_reason["key_mismatch"].subject == subjects.tool_call("lookup")
+        assert all(letter.delivery_count == 1 for letter in by_reason.values())
         assert mismatched.call_id not in results.by_call
         await settled(js)  # terminated: the term follows the dead letter, unconfirmed
         assert runner.alive
@@ -342,7 +356,7 @@ async def test_sigterm_gives_back_calls_that_outlast_the_shutdown_timeout(
         assert answered < 6.0, answered  # released at once, not after the 30 s ack wait
         runs = sleeps(executions(first.tool_log), "released")
         assert [(r.pid, r.end is not None) for r in runs] == [(first.pid, False), (second.pid, True)]
-        assert "giving back 1 calls still running at shutdown" in first.log_text()
+        assert "giving back 1 messages still held after 0.5 s" in first.log_text()
     finally:
         first.kill()
         second.kill()

@@ -27,6 +27,7 @@ from tests._nats import NatsServerFactory
 from tests._otlp import OtlpCollector, by_name, one
 from tests._services import CaseDb, SchedulerProcess, eventually, fresh_database, new_key, request_start
 from tests._tool_runner import (
+    DeadLetters,
     Execution,
     Results,
     ToolRunnerProcess,
@@ -36,7 +37,7 @@ from tests._tool_runner import (
 )
 from tests.e2e_agent import ModelCall, model_calls
 from tianshu_contracts import ToolResult, subjects
-from tianshu_core.tools import TOOL_RESULT_RESOURCE, ToolInvocation
+from tianshu_core.tools import TOOL_RESULT_RESOURCE, ToolInvocation, nul_message
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nats, pytest.mark.postgres, pytest.mark.slow]
 
@@ -448,6 +449,57 @@ async def test_bad_calls_reach_the_model_as_error_results_and_the_loop_goes_on(
     flags = {name.rsplit("/", 1)[1]: [r.is_error for r in rs] for name, rs in records.items()}
     assert flags == {**{f"r1c{i}": [True] for i in range(1, 8)}, "r1c8": [False], "r2c1": [False]}
     assert runner.alive
+
+
+@pytest.mark.parametrize("path", ["fast", "parked"])
+async def test_a_result_holding_a_nul_reaches_the_model_as_an_error_at_once(
+    stack: Stack, js: JetStreamContext, nc: Client, db: CaseDb, path: str
+) -> None:
+    # Postgres cannot store a NUL: the runner answers with an error the model sees, on the fast
+    # path (the case kept its coroutine) and past the hot window (the case parked as a wait).
+    hot, seconds = ("5", 0.05) if path == "fast" else ("0.2", 1.0)
+    stack.scheduler(TIANSHU_SCHEDULER_TOOL_HOT_WINDOW_S=hot)
+    await stack.start_runners(1)
+    key = new_key(f"nul-{path}")
+    call = {"tool": "nap_nul", "args": {"seconds": seconds, "tag": key}}
+    await request_start(nc, "e2e_agent", {"rounds": [[call]], "answer": "told"}, key=key)
+    # Within the safety net, far below the call's deadline (30 s timeout + 30 s grace): at once.
+    done = await db.wait_state(key, "finished", context=stack.logs)
+    assert done["output"] == "told"
+    asked = model_calls(stack.workdir, key)
+    assert asked[1].results == [("r1c1", nul_message("nap_nul"))]
+    timers = [e["name"] for e in await db.journal(key) if e["kind"] == "timer"]
+    assert timers == ([] if path == "fast" else ["agent/r1/call/r1c1:wait"])
+    records = await call_records(db, key)
+    assert records == {
+        "agent/r1/call/r1c1": [ToolResult(call_id="r1c1", content=nul_message("nap_nul"), is_error=True)]
+    }
+    assert tags(stack.tool_log, key) == Counter({key: 1})
+    assert (await js.stream_info(subjects.STREAM_DLQ)).state.messages == 0
+
+
+async def test_a_call_whose_deadline_passed_while_no_runner_ran_is_never_executed(
+    stack: Stack, js: JetStreamContext, nc: Client, db: CaseDb
+) -> None:
+    # Deadline: 0.2 s hot window + 0.5 s tool timeout + 0.3 s grace after the call is sent.
+    stack.scheduler(TIANSHU_SCHEDULER_TOOL_HOT_WINDOW_S="0.2", TIANSHU_SCHEDULER_TOOL_GRACE_S="0.3")
+    key = new_key("expired")
+    spec = {"rounds": [[nap(0.1, key)]], "answer": "gave up", "tool_timeout_s": 0.5}
+    await request_start(nc, "e2e_agent", spec, key=key)
+    done = await db.wait_state(key, "finished", context=stack.logs)
+    assert done["output"] == "gave up"
+    asked = model_calls(stack.workdir, key)
+    assert asked[1].results == [("r1c1", "tool nap: no result arrived before the deadline")]
+    # Now a runner starts: the call it finds has expired; it is dead-lettered, never run.
+    async with DeadLetters(js) as letters:
+        await stack.start_runners(1)
+        await until(lambda: letters.all(), "the expired call's dead letter", stack)
+        (letter,) = letters.all()
+    assert letter.reason.value == "expired" and letter.delivery_count == 1
+    assert letter.msg_id == call_id(key, "agent/r1/call/r1c1")
+    assert tags(stack.tool_log, key) == Counter()  # the tool's side-effect counter stays 0
+    info = await js.consumer_info(*CONSUMER)
+    assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
 # -- 5. the slow path --------------------------------------------------------------------------

@@ -25,6 +25,16 @@ class DeadLetterReason(enum.StrEnum):
     """Its handler failed (or the consumer died) on every allowed delivery."""
     REFUSED = "refused"
     """Well formed, but its handler refused it for good (unknown workflow, invalid input, ...)."""
+    NOT_STRICT_JSON = "not_strict_json"
+    """JSON with `NaN`, `Infinity` or `-Infinity`, which strict JSON (RFC 8259) does not allow."""
+    UNSTORABLE = "unstorable"
+    """Valid, but holding a value the stores cannot keep (a NUL character in text, a 65-bit integer)."""
+    UNKNOWN_CASE = "unknown_case"
+    """Addressed to a case that does not exist."""
+    KEY_MISMATCH = "key_mismatch"
+    """Its body names another case (or tool) than its subject does."""
+    EXPIRED = "expired"
+    """A call received after its deadline: whoever made it has been told it failed, so it is not run."""
 
 
 class Refusal(Message):

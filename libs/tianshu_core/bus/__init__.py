@@ -3,13 +3,12 @@
 - `connect`: fail fast at start-up (credentials, TLS), reconnect without limit afterwards;
 - `ensure_streams` / `ensure_consumer`: idempotent start-up set-up, NATS 2.9 compatible;
 - `publish`: `Nats-Msg-Id` and W3C trace headers; `publish_core` and `request` for core NATS;
-- `BatchConsumer`: fetch, validate, handle, ack after the handler commits, nak with backoff,
-  dead-letter poison messages with the reason;
+- `Worker`: the one work-queue worker: pull what free slots take, heartbeat, ack after the
+  handler commits, hold and retry through an outage, dead-letter bad input on its first delivery;
 - `Responder`: request/reply in a queue group; `GracefulShutdown`: SIGTERM in bounded time.
 """
 
 from .connect import connect, redact, tls_context
-from .consumer import Backoff, BatchConsumer, ConsumeOptions, Handler, Outcome
 from .deadletter import DeadLetterSink
 from .delivery import Delivery
 from .errors import NatsStartupError, RejectMessage, StreamConfigError, wire_error
@@ -29,16 +28,16 @@ from .streams import (
     scheduler_consumers,
 )
 from .tracing import extract, inject
+from .worker import Backoff, Handler, KeyFn, Outcome, Worker, WorkerOptions, by_subject
 
 __all__ = [
     "Backoff",
-    "BatchConsumer",
-    "ConsumeOptions",
     "ConsumerSpec",
     "DeadLetterSink",
     "Delivery",
     "GracefulShutdown",
     "Handler",
+    "KeyFn",
     "NatsSettings",
     "NatsStartupError",
     "Outcome",
@@ -48,6 +47,9 @@ __all__ = [
     "StreamConfigError",
     "StreamSpec",
     "TianshuStreams",
+    "Worker",
+    "WorkerOptions",
+    "by_subject",
     "connect",
     "encode",
     "ensure_consumer",

@@ -22,8 +22,9 @@ class StreamConfigError(TianshuError):
 class RejectMessage(TianshuError):  # noqa: N818 (an instruction to the consumer, not a failure of ours)
     """Raised by a handler to refuse a message for good: it is dead-lettered, announced, terminated.
 
-    Anything else a handler raises counts as transient: the message is redelivered after a backoff
-    until its deliveries run out. `code` is the stable code the sender sees (`unknown_workflow`...).
+    A transient failure a handler raises (Postgres or NATS out of reach) makes the worker try
+    again later without spending the message's deliveries; anything else spends one delivery.
+    `code` is the stable code the sender sees (`unknown_workflow`...).
     """
 
     code = "message_rejected"
@@ -43,6 +44,11 @@ class RejectMessage(TianshuError):  # noqa: N818 (an instruction to the consumer
         super().__init__(self.error.message)
         self.reason = reason
         self.case_key = case_key
+
+    @classmethod
+    def because(cls, reason: DeadLetterReason, message: str, *, case_key: str | None = None) -> RejectMessage:
+        """A refusal whose error code is the reason itself (`unknown_case`, `key_mismatch`, ...)."""
+        return cls(wire_error(message, code=reason.value), reason=reason, case_key=case_key)
 
 
 def wire_error(error: BaseException | str, *, code: str | None = None) -> WireError:

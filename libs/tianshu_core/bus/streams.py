@@ -110,7 +110,7 @@ class StreamSpec:
 class ConsumerSpec:
     """A durable pull consumer with explicit acks.
 
-    `max_deliver` is the server's limit; keep it unlimited (-1) and let `BatchConsumer` enforce
+    `max_deliver` is the server's limit; keep it unlimited (-1) and let the `Worker` enforce
     its own, so a message whose last delivery died with its process is dead-lettered rather than
     dropped silently by the server.
     """

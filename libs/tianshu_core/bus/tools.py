@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime, timedelta
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -28,6 +29,7 @@ from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER, ToolCallRequest, T
 from ..context import StoreFailure
 from ..tools import ToolCallPending, ToolInvocation
 from .publish import publish
+from .strict import holds_nul, non_strict_constant
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +64,27 @@ class NatsToolExecutor:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    def resolve(self, result: ToolCallResult) -> None:
-        """Hand a result to the run awaiting it here, if any."""
+    def resolve(self, result: ToolCallResult) -> bool:
+        """Hand a result to the run awaiting it here, if any; True when one was awaiting it."""
         future = self._waiting.get(result.call_id)
-        if future is not None and not future.done():
+        if future is None:
+            return False
+        if not future.done():
             future.set_result(result)
+        return True
 
     async def _on_result(self, msg: Msg) -> None:
+        # Only a result the durable consumer would accept: anything else it dead-letters, and the
+        # case learns of the call's failure by its deadline, never from a bad message.
+        data = msg.data
+        if non_strict_constant(data) is not None or holds_nul(data):
+            return
         try:
-            result = TOOL_CALL_RESULT_ADAPTER.validate_json(msg.data)
-        except ValidationError:
-            return  # the durable consumer dead-letters it
+            result = TOOL_CALL_RESULT_ADAPTER.validate_json(data)
+            if subjects.tool_result(result.case_key) != msg.subject:
+                return
+        except (ValidationError, ValueError):
+            return
         self.resolve(result)
 
     async def execute(
@@ -82,6 +94,10 @@ class NatsToolExecutor:
         if invocation is None:
             raise ValueError("a tool call sent over NATS needs its invocation (case and record)")
         timeout = timeout_s if timeout_s is not None else self.default_timeout_s
+        hot = min(self.hot_window_s, timeout + 1.0)
+        # The moment the case stops waiting and tells the model the call failed: the hot window,
+        # then the parked wait below. A runner that gets the call later must not run it.
+        deadline = datetime.now(UTC) + timedelta(seconds=hot + timeout + self.grace_s)
         request = ToolCallRequest(
             call_id=invocation.call_id,
             case_key=invocation.case_key,
@@ -90,6 +106,7 @@ class NatsToolExecutor:
             tool_call_id=call.id,
             arguments=call.arguments,
             timeout_s=timeout,
+            deadline=deadline,
         )
         future = self._waiting.get(invocation.call_id)
         if future is None or future.done():
@@ -101,11 +118,12 @@ class NatsToolExecutor:
             except Exception as exc:
                 # NATS is out of reach: not the case's fault. The run is abandoned and retried.
                 raise StoreFailure(exc) from exc
-            result = await asyncio.wait_for(asyncio.shield(future), min(self.hot_window_s, timeout + 1.0))
+            result = await asyncio.wait_for(asyncio.shield(future), hot)
         except TimeoutError:
-            # Park the case; the result wakes it whenever it comes, up to the tool's timeout and
-            # the time a redelivery to another runner may take.
-            raise ToolCallPending(timeout + self.grace_s) from None
+            # Park the case; the result wakes it whenever it comes, up to the call's deadline
+            # (the tool's timeout and the time a redelivery to another runner may take).
+            left = (deadline - datetime.now(UTC)).total_seconds()
+            raise ToolCallPending(max(left, 0.0)) from None
         finally:
             if self._waiting.get(invocation.call_id) is future:
                 del self._waiting[invocation.call_id]

@@ -15,6 +15,7 @@ from ._executor import (
     ToolInvocation,
     Toolset,
     error_result,
+    nul_message,
     parse_arguments,
     truncate,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "Toolset",
     "check_arguments",
     "error_result",
+    "nul_message",
     "parse_arguments",
     "spec_of",
     "tool",

@@ -88,6 +88,14 @@ def error_result(call: ToolCall, message: str) -> ToolResult:
     return ToolResult(call_id=call.id, content=message, is_error=True)
 
 
+def nul_message(tool: str) -> str:
+    """What the model is told when a tool's result holds a NUL character."""
+    return (
+        f"tool {tool} returned text holding a NUL character (\\u0000), which cannot be stored or "
+        "given to the model; its result was dropped (binary output must be encoded, e.g. base64)"
+    )
+
+
 def truncate(text: str, limit: int) -> str:
     """`text` cut to at most `limit` UTF-8 bytes, marker included: `\\n[truncated: N of M bytes]`.
 
@@ -144,8 +152,14 @@ class LocalToolExecutor:
         timeout_s: float | None = None,
         invocation: ToolInvocation | None = None,  # noqa: ARG002 - in-process: nothing to route
     ) -> ToolResult:
-        """Validate and run `call`; every failure is an error result."""
+        """Validate and run `call`; every failure is an error result.
+
+        A result holding a NUL character becomes an error result: Postgres cannot store it, and
+        the model learns at once that the tool's output was not text it can be given."""
         result = await self._execute(call, timeout_s)
+        if "\x00" in result.content:
+            log.info("tool %s: call %s returned a NUL character; answering with an error", call.name, call.id)
+            return error_result(call, nul_message(call.name))
         content = truncate(result.content, self.max_result_bytes)
         return result if content is result.content else result.model_copy(update={"content": content})
 

@@ -35,6 +35,7 @@ from tianshu_contracts import (
     CaseNotFound,
     CaseSummary,
     CaseUpdated,
+    DeadLetterReason,
     GetCase,
     PauseCase,
     ResumeCase,
@@ -56,14 +57,15 @@ from tianshu_core import (
     connect_postgres,
 )
 from tianshu_core.bus import (
-    BatchConsumer,
-    ConsumeOptions,
+    Backoff,
     Delivery,
     GracefulShutdown,
     NatsSettings,
     RejectMessage,
     Responder,
     TianshuStreams,
+    Worker,
+    WorkerOptions,
     connect,
     ensure_consumers,
     ensure_streams,
@@ -74,6 +76,7 @@ from tianshu_core.bus import (
 )
 from tianshu_core.bus.shutdown import Stoppable
 from tianshu_core.bus.tools import NatsToolExecutor
+from tianshu_core.errors import StepResultNotSerializableError
 from tianshu_core.telemetry import trace_id_of
 from tianshu_core.tools import TOOL_RESULT_RESOURCE
 
@@ -126,9 +129,23 @@ class Scheduler:
         await ensure_streams(js, TianshuStreams(events_max_age_s=s.event_retention_s).specs())
         specs = {c.durable: c for c in scheduler_consumers(ack_wait_s=s.scheduler_ack_wait_s)}
         await ensure_consumers(js, list(specs.values()))
-        options = ConsumeOptions(max_payload_bytes=s.max_event_payload_bytes)
-        # Few starts per fetch, so that replicas share a burst of starts instead of one taking all.
-        start_options = replace(options, batch=8)
+        if s.max_event_payload_bytes > nc.max_payload:
+            log.warning(
+                "TIANSHU_MAX_EVENT_PAYLOAD_BYTES=%d is over the NATS server's max_payload (%d): "
+                "larger events cannot reach the scheduler",
+                s.max_event_payload_bytes,
+                nc.max_payload,
+            )
+        options = WorkerOptions(
+            max_payload_bytes=s.max_event_payload_bytes,
+            max_deliver=s.scheduler_max_deliver,
+            backoff=Backoff(initial_s=s.scheduler_retry_initial_s, max_s=s.scheduler_retry_max_s),
+            heartbeat_s=s.scheduler_ack_wait_s / 3,
+            # Everything the scheduler consumes is stored in Postgres, whose text refuses NUL.
+            refuse_nul=True,
+        )
+        # Few starts at once, so that replicas share a burst of starts instead of one taking all.
+        start_options = replace(options, concurrency=8, batch=8)
         subs = {
             durable: await pull_subscription(js, specs[durable])
             for durable in (
@@ -139,11 +156,13 @@ class Scheduler:
             )
         }
         # ctx.tool_step's registries run on the tool runners, over NATS.
-        self.tools = NatsToolExecutor(nc, js, hot_window_s=s.scheduler_tool_hot_window_s)
+        self.tools = NatsToolExecutor(
+            nc, js, hot_window_s=s.scheduler_tool_hot_window_s, grace_s=s.scheduler_tool_grace_s
+        )
         await self.tools.start()
         engine.tool_executor = self.tools
-        consumers: list[BatchConsumer[Any]] = [
-            BatchConsumer(
+        workers: list[Worker[Any]] = [
+            Worker(
                 nc,
                 subs[subjects.CONSUMER_START],
                 START_CASE_ADAPTER,
@@ -151,7 +170,7 @@ class Scheduler:
                 options=start_options,
                 name="start",
             ),
-            BatchConsumer(
+            Worker(
                 nc,
                 subs[subjects.CONSUMER_COMMANDS],
                 CASE_COMMAND_ADAPTER,
@@ -159,7 +178,7 @@ class Scheduler:
                 options=options,
                 name="commands",
             ),
-            BatchConsumer(
+            Worker(
                 nc,
                 subs[subjects.CONSUMER_EVENTS],
                 EVENT_PAYLOAD_ADAPTER,
@@ -167,7 +186,7 @@ class Scheduler:
                 options=options,
                 name="events",
             ),
-            BatchConsumer(
+            Worker(
                 nc,
                 subs[subjects.CONSUMER_TOOL_RESULTS],
                 TOOL_CALL_RESULT_ADAPTER,
@@ -191,10 +210,10 @@ class Scheduler:
         # Readiness means requests are answered: make sure the server has our subscriptions
         # before the ready file appears (a request sent just after could find no responders).
         await nc.flush()
-        for consumer in consumers:
-            consumer.start()
+        for worker in workers:
+            worker.start()
         self._workers = [
-            *(_PullWorker(c, sub) for c, sub in zip(consumers, subs.values(), strict=True)),
+            *(_PullWorker(w, sub) for w, sub in zip(workers, subs.values(), strict=True)),
             *responders,
         ]
         self._sweeper = asyncio.create_task(self._sweep(), name="tianshu-sweeper")
@@ -368,6 +387,8 @@ class Scheduler:
             case = await engine.start_case(
                 msg.workflow_code, msg.input, case_key=key, session_id=msg.session_id
             )
+        except StepResultNotSerializableError as exc:  # an integer over 64 bits in the input
+            raise _unstorable(exc, case_key=key) from exc
         except TianshuError as exc:
             if exc.retryable:
                 raise
@@ -441,19 +462,41 @@ class Scheduler:
             if key not in taken:
                 self.schedule(key)
 
-    async def _handle_tool_result(self, result: ToolCallResult, _delivery: Delivery) -> None:
+    async def _handle_tool_result(self, result: ToolCallResult, delivery: Delivery) -> None:
         """Record a tool result durably, keyed by its call id: an event on the call, which wakes a
-        case parked on it (the slow path). A run awaiting it here gets it at once (the fast path)."""
+        case parked on it (the slow path). A run awaiting it here gets it at once (the fast path).
+
+        Refused at once: a result whose subject names another case than its body, and one for a
+        case that does not exist (nothing could ever read it)."""
         engine = self.engine
         assert engine is not None
-        self.tools.resolve(result)
-        published = await engine.publish_event(
-            TOOL_RESULT_RESOURCE,
-            result.call_id,
-            result.model_dump(mode="json"),
-            event_id=result.call_id,
-            take=self._free_runs(),
-        )
+        if delivery.subject != _result_subject(result.case_key):
+            raise RejectMessage.because(
+                DeadLetterReason.KEY_MISMATCH,
+                f"a result for case {result.case_key!r} sent on {delivery.subject!r}",
+                case_key=result.case_key,
+            )
+        # A run awaiting the call here proves the case exists; otherwise ask the store.
+        if not self.tools.resolve(result) and await engine.stores.cases.get_by_key(result.case_key) is None:
+            raise RejectMessage.because(
+                DeadLetterReason.UNKNOWN_CASE,
+                f"a result for case {result.case_key!r}, which does not exist",
+                case_key=result.case_key,
+            )
+        try:
+            published = await engine.publish_event(
+                TOOL_RESULT_RESOURCE,
+                result.call_id,
+                result.model_dump(mode="json"),
+                event_id=result.call_id,
+                take=self._free_runs(),
+            )
+        except TianshuError as exc:
+            if exc.retryable:
+                raise
+            raise RejectMessage(exc, case_key=result.case_key) from exc
+        except (asyncpg.DataError, TypeError) as exc:  # see _unstorable
+            raise _unstorable(exc, case_key=result.case_key) from exc
         self._run_woken(published)
 
     async def _handle_command(self, msg: CaseCommandMsg, delivery: Delivery) -> None:
@@ -467,10 +510,9 @@ class Scheduler:
         except ValueError as exc:
             raise RejectMessage(wire_error(str(exc), code="bad_subject")) from exc
         if subject_key != msg.case_key:
-            raise RejectMessage(
-                wire_error(
-                    f"command for case {msg.case_key!r} sent on {delivery.subject!r}", code="subject_mismatch"
-                )
+            raise RejectMessage.because(
+                DeadLetterReason.KEY_MISMATCH,
+                f"command for case {msg.case_key!r} sent on {delivery.subject!r}",
             )
         if isinstance(msg, CancelCase):
             found = await engine.cancel(msg.case_key)
@@ -479,8 +521,8 @@ class Scheduler:
         else:
             found = await engine.resume(msg.case_key)
         if not found:
-            raise RejectMessage(
-                wire_error(f"no case with key {msg.case_key!r}", code="case_not_found"), case_key=msg.case_key
+            raise RejectMessage.because(
+                DeadLetterReason.UNKNOWN_CASE, f"no case with key {msg.case_key!r}", case_key=msg.case_key
             )
         case = await engine.get_case(msg.case_key)
         await self._on_case_changed(case)
@@ -520,7 +562,7 @@ class _PullWorker:
     released), so dropping its inbox loses nothing; the durable consumer on the server stays.
     """
 
-    def __init__(self, consumer: BatchConsumer[Any], subscription: JetStreamContext.PullSubscription) -> None:
+    def __init__(self, consumer: Worker[Any], subscription: JetStreamContext.PullSubscription) -> None:
         self._consumer = consumer
         self._subscription = subscription
 
@@ -565,8 +607,17 @@ def _unstorable(exc: Exception, *, case_key: str | None = None) -> RejectMessage
     """
     return RejectMessage(
         wire_error(f"this message's values cannot be stored: {exc}", code="unstorable_value"),
+        reason=DeadLetterReason.UNSTORABLE,
         case_key=case_key,
     )
+
+
+def _result_subject(case_key: str) -> str | None:
+    """Where the results of `case_key`'s tool calls belong; None for a key no subject can carry."""
+    try:
+        return subjects.tool_result(case_key)
+    except ValueError:
+        return None
 
 
 def _key_from_msg_id(msg_id: str) -> str:

@@ -37,12 +37,36 @@ class SchedulerSettings(Settings):
     scheduler_ack_wait_s: float = Field(
         default=30.0, gt=0, description="Ack wait of its JetStream consumers."
     )
+    scheduler_max_deliver: int = Field(
+        default=5,
+        ge=1,
+        description="Delivery budget of a message whose handler fails for its own reasons; then it is "
+        "dead-lettered. Outages (Postgres or NATS out of reach) do not spend it.",
+    )
+    scheduler_retry_initial_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="First wait before a failed message is handled again (doubling each time).",
+    )
+    scheduler_retry_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait between two attempts; during an outage, the longest a message "
+        "waits after the outage ends.",
+    )
 
     scheduler_tool_hot_window_s: float = Field(
         default=5.0,
         ge=0,
         description="How long a case keeps its coroutine waiting for a tool result before it parks "
         "as an ordinary wait (the result still wakes it).",
+    )
+    scheduler_tool_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="A tool call's deadline is the hot window, the call's timeout and this grace (for a "
+        "redelivery to another runner); past it the case tells the model the call failed, and a runner "
+        "that receives the call then does not run it.",
     )
 
     @property

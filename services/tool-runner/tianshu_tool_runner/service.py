@@ -1,18 +1,22 @@
-"""The tool runner: takes calls from the shared consumer, runs them, publishes their results.
+"""The tool runner: takes calls from the shared consumer through the bus's `Worker`, runs them,
+publishes their results.
 
-How many calls a runner holds: it asks the server for one call at a time, and only while one of
-its `concurrency` slots is free; a slot is freed once the call's acknowledgement is confirmed.
-So a runner never holds more unacknowledged calls than it can run, and the calls it cannot run
-yet stay on the server, for whichever runner frees a slot first.
+How many calls a runner holds: the worker asks the server for calls only while one of its
+`concurrency` slots is free, one at a time, and frees a slot once the call's acknowledgement is
+confirmed. So a runner never holds more unacknowledged calls than it can run, and the calls it
+cannot run yet stay on the server, for whichever runner frees a slot first.
 
-One call: decode it (an undecodable or invalid message is dead-lettered, never retried), run it
-with the in-process `LocalToolExecutor` (arguments validated against the tool's schema, a timeout,
-every failure an `is_error` result for the model, long results cut with a marker) while a
-heartbeat reports it in progress, publish its `ToolCallResult` with `Nats-Msg-Id` = call id (a
-redelivered call's repeated result is a duplicate the results stream drops), and only then
-acknowledge it. A runner that dies mid-call acknowledges nothing: the call comes back to another
-runner after the ack wait. SIGTERM stops the pulling, lets running calls finish within the
-shutdown timeout and gives the others back at once.
+One call: a call that is not valid, not strict JSON, sent on another tool's subject, or past its
+deadline (the case has already told the model it failed) is dead-lettered on its first delivery
+and never run. A call of a tool this runner does not have is dead-lettered too, and answered with
+an error result so the model learns at once. Otherwise it runs with the in-process
+`LocalToolExecutor` (arguments validated against the tool's schema, a timeout, every failure an
+`is_error` result for the model, a NUL character an error result, long results cut with a
+marker) while the worker reports it in progress; its `ToolCallResult` is published with
+`Nats-Msg-Id` = call id (a redelivered call's repeated result is a duplicate the results stream
+drops), and only then is the call acknowledged. While NATS is away the result is kept and
+published again after a backoff, never run twice by this runner. A runner that dies mid-call
+acknowledges nothing: the call comes back to another runner after the ack wait.
 """
 
 from __future__ import annotations
@@ -24,20 +28,16 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-import nats.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode, Tracer
-from opentelemetry.util.types import AttributeValue
-from pydantic import ValidationError
+from opentelemetry.trace import Tracer
 
 from tianshu_contracts import (
     TOOL_CALL_REQUEST_ADAPTER,
@@ -45,23 +45,25 @@ from tianshu_contracts import (
     ToolCall,
     ToolCallRequest,
     ToolCallResult,
-    WireError,
     subjects,
 )
 from tianshu_core.bus import (
     Backoff,
-    DeadLetterSink,
     Delivery,
     GracefulShutdown,
     NatsSettings,
+    RejectMessage,
+    Worker,
+    WorkerOptions,
     connect,
     encode,
     ensure_consumer,
     ensure_streams,
     publish,
     pull_subscription,
+    wire_error,
 )
-from tianshu_core.bus.tracing import default_tracer, start_consumer_span
+from tianshu_core.bus.tracing import default_tracer
 from tianshu_core.tools import LocalToolExecutor, ToolInvocation, ToolRegistry, error_result, truncate
 
 from .settings import ToolRunnerSettings
@@ -72,9 +74,9 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# Room under the server's max_payload for the result's envelope and headers.
+# Room under the server's max_payload (and the schedulers' event limit) for the result's
+# envelope, its headers and the difference between two JSON encoders.
 _HEADROOM = 16 * 1024
-_BACKOFF = Backoff(initial_s=0.2, max_s=5.0)
 
 
 class ToolRunner:
@@ -99,14 +101,12 @@ class ToolRunner:
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._executor: LocalToolExecutor | None = None
-        self._dead_letters: DeadLetterSink | None = None
-        self._heartbeat_s = settings.tool_runner_ack_wait_s / 3
-        self._running: set[asyncio.Task[None]] = set()
-        self._held: dict[int, Msg] = {}  # delivered and not yet settled: what the heartbeat covers
-        self._changed = asyncio.Event()  # a slot was freed, or stop() was called
-        self._stopping = asyncio.Event()
-        self._puller: asyncio.Task[None] | None = None
-        self._beater: asyncio.Task[None] | None = None
+        self._worker: Worker[ToolCallRequest] | None = None
+        self._backoff = Backoff(
+            initial_s=settings.tool_runner_retry_initial_s, max_s=settings.tool_runner_retry_max_s
+        )
+        # Results run but not yet published (NATS away): a retry publishes them, never reruns the call.
+        self._unpublished: dict[str, ToolCallResult] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -121,16 +121,36 @@ class ToolRunner:
             ack_wait_s=s.tool_runner_ack_wait_s, max_ack_pending=s.tool_runner_max_ack_pending
         )
         info = await ensure_consumer(js, spec)
-        self._heartbeat_s = self._heartbeat_interval(info.config.ack_wait or spec.ack_wait_s)
+        heartbeat = self._heartbeat_interval(info.config.ack_wait or spec.ack_wait_s)
         self._sub = await pull_subscription(js, spec)
         self._executor = LocalToolExecutor(
             self.registry,
             default_timeout_s=s.tool_runner_timeout_s,
             max_result_bytes=self._result_limit(nc.max_payload),
         )
-        self._dead_letters = DeadLetterSink(nc, tracer=self._tracer)
-        self._puller = asyncio.create_task(self._pull(), name="tianshu-tool-runner-pull")
-        self._beater = asyncio.create_task(self._heartbeats(), name="tianshu-tool-runner-heartbeat")
+        self._worker = Worker(
+            nc,
+            self._sub,
+            TOOL_CALL_REQUEST_ADAPTER,
+            self._handle,
+            options=WorkerOptions(
+                concurrency=s.tool_runner_concurrency,
+                # One call per pull: a pull for several could hold more than the free slots.
+                batch=1,
+                fetch_timeout_s=s.tool_runner_fetch_timeout_s,
+                # Calls come from model replies the schedulers stored under the same limit.
+                max_payload_bytes=min(nc.max_payload, s.max_event_payload_bytes),
+                max_deliver=s.tool_runner_max_deliver,
+                backoff=self._backoff,
+                heartbeat_s=heartbeat,
+                confirm_acks=True,
+            ),
+            key=None,
+            exhausted=self._exhausted,
+            name="tool-calls",
+            tracer=self._tracer,
+        )
+        self._worker.start()
         if s.tool_runner_ready_file:
             _write_ready(Path(s.tool_runner_ready_file))
         log.info(
@@ -139,7 +159,7 @@ class ToolRunner:
             len(self.registry),
             ", ".join(self.registry.names),
             s.tool_runner_concurrency,
-            self._heartbeat_s,
+            heartbeat,
         )
 
     async def serve(self) -> bool:
@@ -154,38 +174,22 @@ class ToolRunner:
 
     def stop(self) -> None:
         """Take no more calls (the pull in flight still ends, and what it brings is given back)."""
-        self._stopping.set()
-        self._changed.set()
+        if self._worker is not None:
+            self._worker.stop()
 
     async def shutdown(self, timeout_s: float) -> bool:
         """Stop, let running calls finish within `timeout_s`, give the rest back; True when all finished.
 
-        Calls are given back only once this runner's last pull has ended (within the fetch timeout
-        of `stop()`): a call released while that pull is still open on the server could be handed
-        straight back to it, and would then wait out the ack wait. So a shutdown takes at most the
-        longer of `timeout_s` and the fetch timeout.
+        A shutdown takes at most the longer of `timeout_s` and the fetch timeout: the last pull
+        ends before the calls still held are given back (one released while that pull is open
+        on the server could be handed straight back to it).
         """
-        self.stop()
-        deadline = time.monotonic() + timeout_s
         clean = True
-        running = set(self._running)
-        if running:
-            log.info("waiting for %d running calls", len(running))
-            await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
-        if self._puller is not None and not self._puller.done():
-            # Not cancelled: that would leave its pull open on the server, taking the next call.
-            grace = self.settings.tool_runner_fetch_timeout_s + 1.0
-            done, _ = await asyncio.wait({self._puller}, timeout=grace)
-            if not done:
-                clean = False
-                self._puller.cancel()
-        late = {task for task in running if not task.done()}
-        if late:
-            clean = False
-            log.warning("giving back %d calls still running at shutdown", len(late))
-            for task in late:
-                task.cancel()  # each one naks its call: another runner takes it at once
-            await asyncio.wait(late, timeout=2.0)
+        if self._worker is not None:
+            held = self._worker.held
+            if held:
+                log.info("waiting for %d running calls", held)
+            clean = await self._worker.shutdown(timeout_s)
         if self._sub is not None:
             # A pull subscription never lets `Client.drain()` finish (see the scheduler's
             # _PullWorker); nothing is left to receive on it.
@@ -194,13 +198,9 @@ class ToolRunner:
         return clean
 
     async def close(self) -> None:
-        """Stop the heartbeat, close the connection, remove the ready file."""
-        self._stopping.set()
-        for task in (self._puller, self._beater):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop the worker, close the connection, remove the ready file."""
+        if self._worker is not None and not self._worker.stopping:
+            await self._worker.shutdown(0.0)
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -223,215 +223,136 @@ class ToolRunner:
             return ack_wait_s / 3
         return configured
 
+    def _result_budget(self, max_payload: int) -> int:
+        """The most bytes a published result may take: under the server's max_payload and under
+        the schedulers' event limit, which the result must fit once wrapped as an event."""
+        return max(4096, min(max_payload, self.settings.max_event_payload_bytes) - _HEADROOM // 4)
+
     def _result_limit(self, max_payload: int) -> int:
         wanted = self.settings.tool_runner_max_result_bytes
-        room = max(1024, max_payload - _HEADROOM)
+        room = max(1024, min(max_payload, self.settings.max_event_payload_bytes) - _HEADROOM)
         if wanted > room:
             log.warning(
-                "TIANSHU_TOOL_RUNNER_MAX_RESULT_BYTES=%d does not fit in the server's max_payload (%d); "
-                "results are cut to %d bytes",
+                "TIANSHU_TOOL_RUNNER_MAX_RESULT_BYTES=%d does not fit under the NATS max_payload (%d) "
+                "and TIANSHU_MAX_EVENT_PAYLOAD_BYTES (%d) once wrapped; results are cut to %d bytes",
                 wanted,
                 max_payload,
+                self.settings.max_event_payload_bytes,
                 room,
             )
         return min(wanted, room)
 
-    # -- pulling ------------------------------------------------------------------------------
-
-    async def _pull(self) -> None:
-        """Fetch one call per free slot; wait for a slot when all are taken."""
-        sub, nc = self._sub, self.nc
-        assert sub is not None and nc is not None
-        limit = self.settings.tool_runner_concurrency
-        timeout = self.settings.tool_runner_fetch_timeout_s
-        while not self._stopping.is_set():
-            if nc.is_closed:
-                log.info("NATS connection closed; no more calls")
-                return
-            if len(self._running) >= limit:
-                self._changed.clear()
-                if len(self._running) >= limit and not self._stopping.is_set():
-                    await self._changed.wait()
-                continue
-            try:
-                # One at a time: a pull for k calls would hold up to k of them, and nats-py's fetch of
-                # several waits for the whole batch (until its timeout) when fewer are queued.
-                msgs = await sub.fetch(1, timeout=timeout)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            except Exception as exc:  # server away, reconnecting: try again shortly
-                log.warning("fetching tool calls failed: %r", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), 0.5)
-                continue
-            for msg in msgs:
-                if self._stopping.is_set():
-                    await _release(msg)
-                else:
-                    self._begin(msg)
-
-    def _begin(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._take(msg), name="tianshu-tool-call")
-        self._running.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._changed.set()
-
-    async def _heartbeats(self) -> None:
-        """Report every held call in progress, often enough that none reaches the ack wait."""
-        while True:
-            await asyncio.sleep(self._heartbeat_s)
-            for msg in list(self._held.values()):
-                with contextlib.suppress(Exception):  # settled meanwhile, or reconnecting
-                    await msg.in_progress()
-
     # -- one call -----------------------------------------------------------------------------
 
-    async def _take(self, msg: Msg) -> None:
-        """Handle one delivered call inside a CONSUMER span joined to the sender's trace."""
-        delivery = Delivery.of(msg)
-        self._held[id(msg)] = msg
-        attributes: dict[str, AttributeValue] = {
-            "messaging.message.body.size": delivery.size,
-            "messaging.nats.delivery_count": delivery.num_delivered,
-        }
-        if delivery.msg_id is not None:
-            attributes["messaging.message.id"] = delivery.msg_id
-        span = start_consumer_span(self._tracer, delivery.subject, delivery.headers, attributes)
-        try:
-            with trace.use_span(
-                span, end_on_exit=True, record_exception=False, set_status_on_exception=False
-            ):
-                outcome = await self._handle(delivery, span)
-                span.set_attribute("tianshu.bus.outcome", outcome)
-        except asyncio.CancelledError:
-            await _release(msg)
-            raise
-        except Exception:  # a bug of ours: without heartbeats the call comes back after the ack wait
-            log.exception("tool call %s (seq %s) failed unexpectedly", delivery.msg_id, delivery.stream_seq)
-        finally:
-            self._held.pop(id(msg), None)
-
-    async def _handle(self, delivery: Delivery, span: Span) -> str:
-        try:
-            request = TOOL_CALL_REQUEST_ADAPTER.validate_json(delivery.raw.data)
-        except ValidationError as exc:
-            invalid_json = any(e["type"] == "json_invalid" for e in exc.errors(include_url=False))
-            reason = DeadLetterReason.UNDECODABLE if invalid_json else DeadLetterReason.SCHEMA_INVALID
-            return await self._dead_letter(delivery, reason, _invalid(exc, reason), span)
-        if delivery.subject != subjects.tool_call(request.tool):
-            error = WireError(
-                type="SubjectMismatch",
-                message=f"a call of tool {request.tool!r} sent on {delivery.subject!r}",
-                code="subject_mismatch",
-            )
-            return await self._dead_letter(
-                delivery, DeadLetterReason.REFUSED, error, span, case_key=request.case_key
-            )
+    async def _handle(self, request: ToolCallRequest, delivery: Delivery) -> None:
+        """Run one call (once) and publish its result; refuse what must not run."""
+        span = trace.get_current_span()
         span.set_attribute("tianshu.case_key", request.case_key)
         span.set_attribute("tianshu.tool", request.tool)
         span.set_attribute("tianshu.tool.call_id", request.call_id)
-        result = await self._answer(request, delivery)
+        if delivery.subject != subjects.tool_call(request.tool):
+            raise RejectMessage.because(
+                DeadLetterReason.KEY_MISMATCH,
+                f"a call of tool {request.tool!r} sent on {delivery.subject!r}",
+                case_key=request.case_key,
+            )
+        result = self._unpublished.get(request.call_id)
+        if result is None:
+            self._refuse_expired(request)
+            if request.tool not in self.registry:
+                await self._answer_unknown(request)
+            result = await self._answer(request)
+            self._unpublished[request.call_id] = result
         if result.result.is_error:
             span.set_attribute("tianshu.tool.is_error", True)
-        try:
-            await self._publish(result)
-        except Exception as exc:
-            delay = _BACKOFF.delay(delivery.num_delivered)
-            log.error("could not publish the result of call %s; giving it back: %r", request.call_id, exc)
-            span.set_status(Status(StatusCode.ERROR, "result not published"))
-            await _settle(delivery.raw.nak(delay=delay), "nak")
-            return "naked"
+        await self._publish(result)
+        self._unpublished.pop(request.call_id, None)
         self.calls_answered += 1
-        # Confirmed before the slot is freed: otherwise the next pull could reach the server before
-        # this ack does, and the runner would hold one call more than its concurrency for a moment.
-        await _settle(delivery.raw.ack_sync(timeout=self.nats_settings.request_timeout_s), "ack")
-        return "acked"
 
-    async def _answer(self, request: ToolCallRequest, delivery: Delivery) -> ToolCallResult:
-        """Run the call (or explain why it was not run); every failure is an `is_error` result."""
+    async def _exhausted(self, request: ToolCallRequest, delivery: Delivery) -> None:
+        """A call delivered more often than the budget (its runners died or stalled every time):
+        answered with an error the model sees, never run again."""
+        log.warning(
+            "call %s of tool %s delivered %d times; answering with an error instead of running it",
+            request.call_id,
+            request.tool,
+            delivery.num_delivered,
+        )
+        call = ToolCall(id=request.tool_call_id, name=request.tool, arguments=request.arguments)
+        await self._publish(
+            self._wrap(
+                request,
+                error_result(
+                    call,
+                    f"tool {request.tool} was not run: its call was delivered {delivery.num_delivered} "
+                    "times and never answered (the runners that took it stopped or stalled)",
+                ),
+                0.0,
+            )
+        )
+
+    def _refuse_expired(self, request: ToolCallRequest) -> None:
+        if request.deadline is None or request.deadline > datetime.now(UTC):
+            return
+        raise RejectMessage.because(
+            DeadLetterReason.EXPIRED,
+            f"tool {request.tool} was not run: the call's deadline ({request.deadline.isoformat()}) "
+            "had passed, so its case has told the model it failed",
+            case_key=request.case_key,
+        )
+
+    async def _answer_unknown(self, request: ToolCallRequest) -> None:
+        """A tool this runner lacks: tell the model at once, and dead-letter the call for the operator."""
+        call = ToolCall(id=request.tool_call_id, name=request.tool, arguments=request.arguments)
+        message = (
+            f"unknown tool {request.tool!r}; this runner has: {', '.join(self.registry.names) or 'none'}"
+        )
+        await self._publish(self._wrap(request, error_result(call, f"unknown tool: {request.tool}"), 0.0))
+        raise RejectMessage(wire_error(message, code="unknown_tool"), case_key=request.case_key)
+
+    async def _answer(self, request: ToolCallRequest) -> ToolCallResult:
+        """Run the call within its time limits; every failure is an `is_error` result."""
         assert self._executor is not None
-        s = self.settings
         call = ToolCall(id=request.tool_call_id, name=request.tool, arguments=request.arguments)
         started = time.monotonic()
         remaining = math.inf
         if request.deadline is not None:
             remaining = (request.deadline - datetime.now(UTC)).total_seconds()
-        if delivery.num_delivered > s.tool_runner_max_deliver:
-            log.warning(
-                "call %s of tool %s delivered %d times; answering with an error instead of running it",
-                request.call_id,
-                request.tool,
-                delivery.num_delivered,
-            )
-            result = error_result(
-                call,
-                f"tool {request.tool} was not run: its call was delivered {delivery.num_delivered} times "
-                "and never answered (the runners that took it stopped or stalled)",
-            )
-        elif remaining <= 0:
-            assert request.deadline is not None
-            result = error_result(
-                call,
-                f"tool {request.tool} was not run: the call's deadline "
-                f"({request.deadline.isoformat()}) had passed",
-            )
-        else:
-            limit = min(request.timeout_s, s.tool_runner_timeout_s, remaining)
-            invocation = ToolInvocation(request.case_key, request.step, request.call_id)
-            result = await self._executor.execute(call, timeout_s=limit, invocation=invocation)
+        limit = min(request.timeout_s, self.settings.tool_runner_timeout_s, remaining)
+        invocation = ToolInvocation(request.case_key, request.step, request.call_id)
+        result = await self._executor.execute(call, timeout_s=limit, invocation=invocation)
+        return self._wrap(request, result, time.monotonic() - started)
+
+    def _wrap(self, request: ToolCallRequest, result: Any, duration_s: float) -> ToolCallResult:
         return ToolCallResult(
             call_id=request.call_id,
             case_key=request.case_key,
             step=request.step,
             result=result,
             runner=self.runner_id,
-            duration_s=time.monotonic() - started,
+            duration_s=duration_s,
         )
 
     async def _publish(self, result: ToolCallResult) -> None:
-        """Publish the result (retried while NATS is away, within the publish timeout)."""
+        """Publish the result; a NATS failure propagates (transient: the worker tries again later)."""
         assert self._js is not None
         result = self._fit(result)
-        subject = subjects.tool_result(result.case_key)
-        give_up = time.monotonic() + self.settings.tool_runner_publish_timeout_s
-        attempt = 0
-        while True:
-            try:
-                ack = await publish(
-                    self._js,
-                    subject,
-                    result,
-                    msg_id=result.call_id,
-                    stream=subjects.STREAM_TOOL_RESULTS,
-                    tracer=self._tracer,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                attempt += 1
-                delay = _BACKOFF.delay(attempt)
-                if time.monotonic() + delay > give_up:
-                    raise
-                log.warning(
-                    "publishing the result of call %s failed (attempt %d), retrying in %.2f s: %r",
-                    result.call_id,
-                    attempt,
-                    delay,
-                    exc,
-                )
-                await asyncio.sleep(delay)
-                continue
-            if ack.duplicate:
-                log.info("the result of call %s was published already (a repeated delivery)", result.call_id)
-            return
+        ack = await publish(
+            self._js,
+            subjects.tool_result(result.case_key),
+            result,
+            msg_id=result.call_id,
+            stream=subjects.STREAM_TOOL_RESULTS,
+            tracer=self._tracer,
+        )
+        if ack.duplicate:
+            log.info("the result of call %s was published already (a repeated delivery)", result.call_id)
 
     def _fit(self, result: ToolCallResult) -> ToolCallResult:
-        """The result cut further when JSON escaping made it too large for the server."""
+        """The result cut further when JSON escaping made it too large for the server or the
+        schedulers' event limit."""
         assert self.nc is not None
-        budget = max(1024, self.nc.max_payload - _HEADROOM // 4)
+        budget = self._result_budget(self.nc.max_payload)
         content = result.result.content
         limit = len(content.encode())
         while len(encode(result)) > budget and limit > 0:
@@ -440,32 +361,6 @@ class ToolRunner:
                 update={"result": result.result.model_copy(update={"content": truncate(content, limit)})}
             )
         return result
-
-    async def _dead_letter(
-        self,
-        delivery: Delivery,
-        reason: DeadLetterReason,
-        error: WireError,
-        span: Span,
-        *,
-        case_key: str | None = None,
-    ) -> str:
-        assert self._dead_letters is not None
-        span.set_attribute("tianshu.bus.dead_letter_reason", reason.value)
-        span.set_status(Status(StatusCode.ERROR, f"dead-lettered: {reason.value}"))
-        try:
-            await self._dead_letters.send(delivery, reason, error, case_key=case_key)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # never drop what could not be stored: it comes again later
-            delay = _BACKOFF.delay(delivery.num_delivered)
-            log.error(
-                "could not dead-letter %s (%s), retry in %.2f s: %r", delivery.subject, reason, delay, exc
-            )
-            await _settle(delivery.raw.nak(delay=delay), "nak")
-            return "naked"
-        await _settle(delivery.raw.term(), "terminate")
-        return "dead_lettered"
 
 
 class ToolThreads(ThreadPoolExecutor):
@@ -503,28 +398,3 @@ def _write_ready(path: Path) -> None:
 
 def _clear_ready(path: Path) -> None:
     path.unlink(missing_ok=True)
-
-
-def _invalid(exc: ValidationError, reason: DeadLetterReason) -> WireError:
-    problems = [
-        f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {err['msg']}"
-        for err in exc.errors(include_url=False, include_input=False)[:10]
-    ]
-    what = "not valid JSON" if reason is DeadLetterReason.UNDECODABLE else "not a valid tool call"
-    message = f"{what}: {'; '.join(problems)}"[:2000]
-    return WireError(type="ValidationError", message=message, code=reason.value)
-
-
-async def _settle(settle: Awaitable[object], verb: str) -> None:
-    try:
-        await settle
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # the ack wait brings it back; its repeated result is a duplicate
-        log.warning("could not %s a tool call: %r", verb, exc)
-
-
-async def _release(msg: Msg) -> None:
-    """Give a call back at once (nak without delay) so another runner can take it."""
-    with contextlib.suppress(Exception):
-        await msg.nak()

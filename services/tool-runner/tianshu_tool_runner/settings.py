@@ -58,7 +58,24 @@ class ToolRunnerSettings(BaseSettings):
         default=5,
         ge=1,
         description="Deliveries a call gets; one delivered more often (its runners died or stalled every "
-        "time) is answered with an error result instead of being run again.",
+        "time) is answered with an error result instead of being run again. Outages do not spend it.",
+    )
+    tool_runner_retry_initial_s: float = Field(
+        default=0.2,
+        gt=0,
+        description="First wait before a call whose handling failed is taken again (doubling each time); "
+        "also between attempts to publish a result while NATS is away.",
+    )
+    tool_runner_retry_max_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest wait between two such attempts.",
+    )
+    max_event_payload_bytes: int = Field(
+        default=1024 * 1024,
+        ge=4096,
+        description="The schedulers' TIANSHU_MAX_EVENT_PAYLOAD_BYTES (give both the same value): a "
+        "result, once wrapped for the scheduler, is cut to fit under it.",
     )
     tool_runner_max_ack_pending: int = Field(
         default=10_000,
@@ -75,12 +92,6 @@ class ToolRunnerSettings(BaseSettings):
         default=20.0,
         gt=0,
         description="SIGTERM: how long running calls may take before they are released to other runners.",
-    )
-    tool_runner_publish_timeout_s: float = Field(
-        default=60.0,
-        gt=0,
-        description="How long to keep retrying the publication of a result (NATS away) before giving the "
-        "call back for another delivery.",
     )
 
     @model_validator(mode="after")

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import asyncpg
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -19,33 +18,14 @@ from tenacity import (
     wait_random,
 )
 
+from ...transient import is_transient_postgres
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# SQLSTATE classes worth retrying: 08 connection exception, 53 insufficient resources (e.g. too
-# many connections), 57 operator intervention (admin shutdown, cannot connect now).
-_TRANSIENT_CLASSES = ("08", "53", "57")
-# 57014 is query_canceled: a statement_timeout or an explicit cancel. Running the same statement
-# again would most likely time out again and only add load, so it is not retried.
-_NOT_TRANSIENT = frozenset({"57014"})
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures that say nothing about the statement itself: a retry may succeed."""
-    if isinstance(exc, asyncpg.PostgresError):
-        state = exc.sqlstate or ""
-        return state[:2] in _TRANSIENT_CLASSES and state not in _NOT_TRANSIENT
-    if isinstance(exc, asyncpg.InterfaceError):
-        # A connection closed under us; "pool is closed/closing" is our own shutdown, not transient.
-        # A pooled connection that closes is taken back by the pool at once ("released back to
-        # the pool"): one kept between operations can be found that way.
-        text = str(exc)
-        return any(
-            marker in text
-            for marker in ("connection is closed", "connection was closed", "released back to the pool")
-        )
-    # Dropped sockets, refused connections, and connect timeouts.
-    return isinstance(exc, OSError | TimeoutError)
+# The store retries Postgres' own transient failures; the classifier is the one every message
+# worker uses too (`tianshu_core.transient`), so the two never disagree about an outage.
+is_transient = is_transient_postgres
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,92 @@
+"""Checks on a message body before it is decoded: strict JSON, and text the stores can keep.
+
+Both look for a few bytes first, so the common message costs one scan of its body in C; only a
+body that holds the tell-tale bytes is parsed to be sure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+# Python's json (and pydantic's parser) read these; RFC 8259 does not allow them.
+_CONSTANTS = (b"NaN", b"Infinity")
+# A number that may lie beyond a 64-bit float (1e400 reads as infinity, then is written as null).
+_HUGE_NUMBER = re.compile(rb"[eE]\+?\d{3}|\d{300}")
+# JSON writes a NUL character in a string as \u0000 (a raw NUL byte is not valid JSON at all).
+_NUL_ESCAPE = b"\\u0000"
+
+
+class _NotStrictError(ValueError):
+    pass
+
+
+def _refuse(constant: str) -> Any:
+    raise _NotStrictError(constant)
+
+
+def non_strict_constant(data: bytes) -> str | None:
+    """`NaN`, `Infinity` or `-Infinity` when the body uses one as a value, else None.
+
+    None also for a body that is not JSON at all: decoding it reports that with its own reason.
+    """
+    if not any(c in data for c in _CONSTANTS):
+        return None
+    try:
+        json.loads(data, parse_constant=_refuse)
+    except _NotStrictError as exc:
+        return str(exc)
+    except ValueError:
+        return None
+    return None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotStrictError(text)
+    return value
+
+
+def out_of_range_number(data: bytes) -> str | None:
+    """A number in the body too large for a 64-bit float (it would be read as infinity), else None."""
+    if _HUGE_NUMBER.search(data) is None:
+        return None
+    try:
+        json.loads(data, parse_float=_finite)
+    except _NotStrictError as exc:
+        return str(exc)[:40]
+    except ValueError:
+        return None
+    return None
+
+
+def holds_nul(data: bytes) -> bool:
+    """True when a string in the JSON body (a key or a value) holds a NUL character, which
+    Postgres' text and jsonb refuse (`\\u0000`)."""
+    if _NUL_ESCAPE not in data:
+        return False
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return False  # not JSON: its own reason
+    return _nul_in(value)
+
+
+def _nul_in(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if "\x00" in key:
+                    return True
+                stack.append(inner)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
