@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 
 from nats.aio.client import Client
@@ -32,6 +33,8 @@ from .publish import publish
 from .strict import holds_nul, non_strict_constant
 
 log = logging.getLogger(__name__)
+
+_ANSWERED_KEPT = 10_000
 
 
 class NatsToolExecutor:
@@ -52,6 +55,9 @@ class NatsToolExecutor:
         self.default_timeout_s = default_timeout_s
         self.grace_s = grace_s
         self._waiting: dict[str, asyncio.Future[ToolCallResult]] = {}
+        # Calls answered on the fast path, and their cases: the same result comes again through
+        # the durable consumer a moment later.
+        self._answered: OrderedDict[str, str] = OrderedDict()
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -65,12 +71,16 @@ class NatsToolExecutor:
                 await sub.unsubscribe()
 
     def resolve(self, result: ToolCallResult) -> bool:
-        """Hand a result to the run awaiting it here, if any; True when one was awaiting it."""
+        """Hand a result to the run awaiting it here, if any. True when a run here awaits or
+        awaited it (its case exists): the durable consumer then needs no lookup of the case."""
         future = self._waiting.get(result.call_id)
         if future is None:
-            return False
+            return self._answered.get(result.call_id) == result.case_key
         if not future.done():
             future.set_result(result)
+            self._answered[result.call_id] = result.case_key
+            if len(self._answered) > _ANSWERED_KEPT:
+                self._answered.popitem(last=False)
         return True
 
     async def _on_result(self, msg: Msg) -> None:

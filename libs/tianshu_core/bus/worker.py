@@ -243,6 +243,14 @@ class Worker(Generic[T]):
             await task
         return False
 
+    async def _unsubscribe(self) -> None:
+        """Drop the pull subscription once pulling is over: nats-py's `fetch` takes leftover status
+        messages without `task_done()`, so a pull subscription never lets `Client.drain()` finish
+        (every SIGTERM would wait out the whole drain timeout). Acks do not need it; the durable
+        consumer on the server stays."""
+        with contextlib.suppress(Exception):  # closed or reconnecting: nothing to drain
+            await self._sub.unsubscribe()
+
     async def _pull_over(self) -> None:
         """Wait (boundedly) until no pull of this worker is open on the server."""
         with contextlib.suppress(TimeoutError):
@@ -261,6 +269,7 @@ class Worker(Generic[T]):
                 await self._pull()
             finally:
                 self._pulled.set()
+                await self._unsubscribe()
             while self._tasks:
                 await asyncio.wait(set(self._tasks))
         except asyncio.CancelledError:
@@ -299,7 +308,9 @@ class Worker(Generic[T]):
                     await asyncio.wait_for(self._stopping.wait(), opts.fetch_error_pause_s)
                 continue
             self._take(msgs)
+            # Drain only what the server says is queued behind it: an idle queue costs no extra pull.
             more = min(opts.batch, opts.concurrency) - len(msgs)
+            more = min(more, _queued_behind(msgs))
             free = opts.concurrency - len(self._held)
             while more > 0 and free > 0 and not self._stopping.is_set():
                 want = min(more, free)
@@ -570,6 +581,16 @@ class Worker(Generic[T]):
         """Give a message back once this worker's last pull is over."""
         await self._pull_over()
         await _release(msg)
+
+
+def _queued_behind(msgs: list[Msg]) -> int:
+    """How many messages the server had queued for this consumer after the last of `msgs`."""
+    if not msgs:
+        return 0
+    try:
+        return int(msgs[-1].metadata.num_pending)
+    except Exception:  # not a JetStream message: assume more may be there
+        return 1 << 30
 
 
 async def _settle(name: str, settle: Awaitable[object], verb: str) -> None:

@@ -21,7 +21,6 @@ from typing import Any
 import asyncpg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from pydantic import BaseModel, JsonValue
 
 from tianshu_contracts import (
@@ -213,7 +212,7 @@ class Scheduler:
         for worker in workers:
             worker.start()
         self._workers = [
-            *(_PullWorker(w, sub) for w, sub in zip(workers, subs.values(), strict=True)),
+            *workers,
             *responders,
         ]
         self._sweeper = asyncio.create_task(self._sweep(), name="tianshu-sweeper")
@@ -549,31 +548,6 @@ class Scheduler:
         )
         if case.is_terminal or case.lifecycle_state.value == "stop":
             await publish_core(nc, subjects.case_finished(case.case_key), finished(case))
-
-
-class _PullWorker:
-    """A consumer for GracefulShutdown that unsubscribes its pull subscription once it has stopped.
-
-    Without this every SIGTERM waited out nats-py's whole drain timeout (10 s by default), even
-    with nothing in flight: `Client.drain()` waits on each subscription's `pending_queue.join()`,
-    but `PullSubscription.fetch()` takes leftover messages (the 408 status a finished long poll
-    leaves behind) with `get_nowait()` and never calls `task_done()`, so a pull subscription's
-    join never returns. A stopped consumer fetches nothing more (what it fetched was settled or
-    released), so dropping its inbox loses nothing; the durable consumer on the server stays.
-    """
-
-    def __init__(self, consumer: Worker[Any], subscription: JetStreamContext.PullSubscription) -> None:
-        self._consumer = consumer
-        self._subscription = subscription
-
-    def stop(self) -> None:
-        self._consumer.stop()
-
-    async def shutdown(self, timeout_s: float) -> bool:
-        finished = await self._consumer.shutdown(timeout_s)
-        with contextlib.suppress(Exception):  # already closed or reconnecting: nothing to drain
-            await self._subscription.unsubscribe()
-        return finished
 
 
 class _RunsWorker:

@@ -190,11 +190,6 @@ class ToolRunner:
             if held:
                 log.info("waiting for %d running calls", held)
             clean = await self._worker.shutdown(timeout_s)
-        if self._sub is not None:
-            # A pull subscription never lets `Client.drain()` finish (see the scheduler's
-            # _PullWorker); nothing is left to receive on it.
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
         return clean
 
     async def close(self) -> None:
