@@ -280,6 +280,7 @@ EXPORTS = {
     *("LLM_REQUEST_ADAPTER", "LLM_RESPONSE_ADAPTER", "LLM_STREAM_EVENT_ADAPTER"),
     *("TOOL_CALL_REQUEST_ADAPTER", "TOOL_CALL_RESULT_ADAPTER", "ToolCallRequest", "ToolCallResult"),
     *("Done", "LlmMessage", "LlmRequest", "LlmResponse", "LlmStreamEvent", "Role", "StreamError"),
+    *("LlmAttempt", "LlmErrorClass"),
     *("TextDelta", "ToolCall", "ToolName", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageEvent"),
     *("MESSAGES", "REFUSAL_ADAPTER", "START_CASE_ADAPTER", "START_CASE_REPLY_ADAPTER"),
     *("CancelCase", "CaseCommand", "CaseFinished", "CaseFound", "CaseKey", "CaseNotFound", "CaseSummary"),

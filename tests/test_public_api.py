@@ -5,6 +5,7 @@ from __future__ import annotations
 import tianshu_core
 
 EXPECTED = {
+    "AnthropicProvider",
     "BaseTool",
     "BaseWorkflow",
     "Case",
@@ -40,6 +41,11 @@ EXPECTED = {
     "LeaseStore",
     "Lifecycle",
     "LlmMessage",
+    "LlmAttempt",
+    "LlmCallPending",
+    "LlmError",
+    "LlmErrorClass",
+    "LlmInvocation",
     "LlmProvider",
     "LlmRequest",
     "LlmResponse",
@@ -57,6 +63,9 @@ EXPECTED = {
     "RunReport",
     "RunStatus",
     "SchedulerUnavailableError",
+    "OpenAiProvider",
+    "ResiliencePolicy",
+    "ResilientLlmProvider",
     "ScriptedLlm",
     "Session",
     "SessionStateEntry",

@@ -9,6 +9,7 @@ values nested in them (messages, calls, specs, usage, results) do not.
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
@@ -115,11 +116,19 @@ class LlmMessage(WireModel):
 
 
 class Usage(WireModel):
-    """Tokens a model call used; `total_tokens` defaults to prompt + completion."""
+    """Tokens a model call used; `total_tokens` defaults to prompt + completion.
+
+    `prompt_tokens` means the same for every provider: every input token, those read from or
+    written to the provider's prompt cache included (as OpenAI counts them; an adapter whose API
+    counts them apart, such as Anthropic's, adds them up). `cache_read_tokens` and
+    `cache_write_tokens` say how many of them the cache served or stored.
+    """
 
     prompt_tokens: int = Field(default=0, ge=0)
     completion_tokens: int = Field(default=0, ge=0)
     total_tokens: int = Field(default=0, ge=0)
+    cache_read_tokens: int = Field(default=0, ge=0)
+    cache_write_tokens: int = Field(default=0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -127,6 +136,50 @@ class Usage(WireModel):
         if isinstance(data, dict) and data.get("total_tokens") is None:
             data = {**data, "total_tokens": data.get("prompt_tokens", 0) + data.get("completion_tokens", 0)}
         return data
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            cache_read_tokens=self.cache_read_tokens + other.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+        )
+
+
+class LlmErrorClass(enum.StrEnum):
+    """Why a model call failed, decided from the status, the error body and the SDK's exception."""
+
+    TRANSIENT = "transient"
+    """Timeouts, connection errors, 500, 502, 504: the same call may succeed after a backoff."""
+    OVERLOADED = "overloaded"
+    """429 rate limit, 503, 529, or a Retry-After longer than the cap: wait, or hand over."""
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    """A 429 that says the account's quota or credit is spent: waiting does not help."""
+    CREDENTIALS = "credentials"
+    """401, 403: the key was refused."""
+    PROMPT_TOO_LONG = "prompt_too_long"
+    """The conversation does not fit the model's context window; the workflow must shorten it."""
+    OUTPUT_TRUNCATED = "output_truncated"
+    """The reply was cut at the token limit (`finish_reason` `length`)."""
+    FATAL = "fatal"
+    """400, 404, 422 and anything else that asking again cannot fix."""
+    UNAVAILABLE = "unavailable"
+    """No answer could be had at all (every provider failed, or no gateway answered in time)."""
+    REQUEST_TOO_LARGE = "request_too_large"
+    """The request is larger than the transport can carry."""
+
+
+class LlmAttempt(WireModel):
+    """One attempt of a model call: where it went, how it ended, and what it cost."""
+
+    provider: str
+    model: str
+    error_class: LlmErrorClass | None = None
+    """None when this attempt answered."""
+    status: int | None = None
+    usage: Usage = Field(default_factory=Usage)
+    duration_s: float = Field(default=0.0, ge=0)
 
 
 class LlmRequest(Message):
@@ -139,12 +192,20 @@ class LlmRequest(Message):
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, gt=0)
     tools: list[ToolSpec] = Field(default_factory=list)
+    prompt_cache: bool = False
+    """Ask the provider to cache the prompt's stable prefix (system prompt, tools, history) where
+    caching must be asked for (Anthropic's `cache_control`); providers that cache by themselves
+    (OpenAI) ignore it."""
 
 
 class LlmResponse(Message):
     """A model's reply: text, tool calls (several per reply), usage and why it stopped.
 
-    `finish_reason` is the provider's word for it (`stop`, `tool_calls`, `length`, ...).
+    `finish_reason` is `stop`, `tool_calls` or `length` (cut at the token limit) for every
+    provider (their own words are mapped to these), or the provider's word for anything else.
+    `usage` is what the whole call cost: with retries or a fallback, the sum of every attempt's
+    usage, failed attempts included; `attempts` lists them (empty for a provider that does not
+    report them). `provider` and `model` say who answered.
     """
 
     kind: Literal["llm_response"] = "llm_response"
@@ -152,6 +213,9 @@ class LlmResponse(Message):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     finish_reason: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    attempts: list[LlmAttempt] = Field(default_factory=list)
 
     @classmethod
     def text(cls, content: str, usage: Usage | None = None) -> LlmResponse:
@@ -202,10 +266,15 @@ class Done(Message):
 
 
 class StreamError(Message):
-    """The reply failed mid-way; nothing follows."""
+    """The reply failed; nothing follows. `incomplete` is true when deltas went out before the
+    failure: the caller has seen part of an answer and must ask again as a new attempt."""
 
     kind: Literal["stream_error"] = "stream_error"
     error: WireError
+    error_class: LlmErrorClass = LlmErrorClass.FATAL
+    incomplete: bool = False
+    retry_after_s: float | None = Field(default=None, ge=0)
+    """How long the provider asked to wait before the next attempt, if it said."""
 
 
 LlmStreamEvent = Annotated[TextDelta | ToolUse | UsageEvent | Done | StreamError, Field(discriminator="kind")]

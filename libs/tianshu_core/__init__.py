@@ -6,7 +6,17 @@ process resumes at the last completed step, and a waiting case costs a row, not 
 
 from typing import TYPE_CHECKING, Any
 
-from tianshu_contracts.llm import LlmMessage, LlmRequest, LlmResponse, ToolCall, ToolResult, ToolSpec, Usage
+from tianshu_contracts.llm import (
+    LlmAttempt,
+    LlmErrorClass,
+    LlmMessage,
+    LlmRequest,
+    LlmResponse,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+    Usage,
+)
 
 from .clock import Clock, ManualClock, SystemClock
 from .context import (
@@ -47,7 +57,17 @@ from .errors import (
     TianshuError,
     UnknownWorkflowError,
 )
-from .llm import LlmProvider, ScriptedLlm
+from .llm import (
+    AnthropicProvider,
+    LlmCallPending,
+    LlmError,
+    LlmInvocation,
+    LlmProvider,
+    OpenAiProvider,
+    ResiliencePolicy,
+    ResilientLlmProvider,
+    ScriptedLlm,
+)
 from .models import (
     Case,
     CaseFilter,
@@ -139,6 +159,7 @@ async def connect_postgres(
 
 
 __all__ = [
+    "AnthropicProvider",
     "BaseTool",
     "BaseWorkflow",
     "Case",
@@ -173,6 +194,11 @@ __all__ = [
     "LeaseLostError",
     "LeaseStore",
     "Lifecycle",
+    "LlmAttempt",
+    "LlmCallPending",
+    "LlmError",
+    "LlmErrorClass",
+    "LlmInvocation",
     "LlmMessage",
     "LlmProvider",
     "LlmRequest",
@@ -181,11 +207,14 @@ __all__ = [
     "ManualClock",
     "MigrationError",
     "Next",
+    "OpenAiProvider",
     "PayloadTooLargeError",
     "PollPredicate",
     "PublishReceipt",
     "PublishResult",
     "RequestRefusedError",
+    "ResiliencePolicy",
+    "ResilientLlmProvider",
     "ResourceFetcher",
     "RetryPolicy",
     "RunReport",

@@ -305,6 +305,29 @@ class WorkflowContext:
 
     # -- tools --------------------------------------------------------------------------------
 
+    @property
+    def llm(self) -> LlmProvider:
+        """The model the engine was given (`Engine(llm=...)`; in the scheduler, the LLM gateway's
+        client): what `tool_step` asks when the workflow names no provider."""
+        llm = self._run.llm
+        if llm is None:
+            raise TianshuError(
+                "no model: give the engine one (Engine(llm=...)) or pass a provider to ctx.tool_step"
+            )
+        return llm
+
+    @overload
+    async def tool_step(
+        self,
+        name: str,
+        tools: ToolRegistry | Toolset,
+        request: LlmRequest,
+        config: ToolLoopConfig | None = None,
+        *,
+        llm: LlmProvider | None = None,
+    ) -> str: ...
+
+    @overload
     async def tool_step(
         self,
         name: str,
@@ -312,10 +335,15 @@ class WorkflowContext:
         tools: ToolRegistry | Toolset,
         request: LlmRequest,
         config: ToolLoopConfig | None = None,
-    ) -> str:
+    ) -> str: ...
+
+    async def tool_step(self, name: str, *args: Any, **kwargs: Any) -> str:
         """Run the tool-use loop durably and return the model's final text.
 
-        Ask `llm` (offering `tools`), run the tool calls of its reply (consecutive read-only calls
+        `ctx.tool_step(name, tools, request, config=None, *, llm=None)`; `llm` defaults to `ctx.llm`
+        (the older form `ctx.tool_step(name, llm, tools, request, config=None)` works too).
+
+        Ask the model (offering `tools`), run the tool calls of its reply (consecutive read-only calls
         in parallel, any other call alone, results in call order), feed the results back, and
         repeat until it answers without tools, at most `config.max_rounds` times
         (`ToolLoopMaxRoundsError` after that). Each reply and each tool result is recorded as it
@@ -325,6 +353,8 @@ class WorkflowContext:
         """
         from .tools import _loop  # imported here: the loop module builds on this one
 
+        llm, tools, request, config = _tool_step_arguments(args, kwargs)
+        llm = llm if llm is not None else self.llm
         config = config or _loop.ToolLoopConfig()
         toolset = _loop.as_toolset(tools, config, self._run.tool_executor)
         loop = _loop.ToolLoop(self, name, llm, toolset, config)
@@ -581,3 +611,24 @@ def _outcome_dict(o: ChildOutcome) -> dict[str, Any]:
         "output": o.output,
         "error": o.error,
     }
+
+
+def _tool_step_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[LlmProvider | None, ToolRegistry | Toolset, LlmRequest, ToolLoopConfig | None]:
+    """(llm, tools, request, config) of either form of `tool_step`'s arguments."""
+    names = ("tools", "request", "config")
+    llm = kwargs.pop("llm", None)
+    # A model answers `complete`; a ToolRegistry or Toolset does not.
+    if args and callable(getattr(args[0], "complete", None)):
+        if llm is not None:
+            raise TypeError("tool_step: the model given twice (positionally and as llm=)")
+        llm, args = args[0], args[1:]
+    values = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        if key not in names or key in values:
+            raise TypeError(f"tool_step: unexpected or repeated argument {key!r}")
+        values[key] = value
+    if "tools" not in values or "request" not in values:
+        raise TypeError("tool_step(name, tools, request, config=None, *, llm=None): tools and request needed")
+    return llm, values["tools"], values["request"], values.get("config")

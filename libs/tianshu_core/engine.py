@@ -51,6 +51,7 @@ from .tokens import new_case_key, require_plain
 from .workflow import WorkflowRegistry, default_registry
 
 if TYPE_CHECKING:
+    from .llm import LlmProvider
     from .tools import ToolExecutor
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class CaseRun:
     config: EngineConfig
     tool_executor: ToolExecutor | None = None
     lookahead: EventLookahead | None = None
+    llm: LlmProvider | None = None
 
 
 class Engine:
@@ -165,10 +167,13 @@ class Engine:
         config: EngineConfig | None = None,
         fetcher: ResourceFetcher | None = None,
         tool_executor: ToolExecutor | None = None,
+        llm: LlmProvider | None = None,
     ) -> None:
         self.stores = stores
         # Runs the tools of `ctx.tool_step` given as a ToolRegistry; None: in-process.
         self.tool_executor = tool_executor
+        # `ctx.llm`: the model `ctx.tool_step` asks when the workflow names none.
+        self.llm = llm
         self.registry = registry if registry is not None else default_registry
         self.clock = clock or SystemClock()
         self.config = config or EngineConfig()
@@ -321,6 +326,7 @@ class Engine:
             self.config,
             self.tool_executor,
             lease.lookahead,
+            self.llm,
         )
         ctx = WorkflowContext(run, entries)
         heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)

@@ -237,10 +237,14 @@ class Worker(Generic[T]):
             len(self._held),
             timeout_s,
         )
-        await self._pull_over()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # The handlers stop now; each gives its message back once the last pull has ended.
+        for handler in list(self._tasks):
+            handler.cancel()
+        done, _ = await asyncio.wait({task}, timeout=self.options.fetch_timeout_s + 3.0)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         return False
 
     async def _unsubscribe(self) -> None:
@@ -369,7 +373,7 @@ class Worker(Generic[T]):
             lane = self._lanes.get(key) if key is not None else None
             while lane:
                 rest = lane.popleft()
-                await _release(rest.raw)
+                await self._give_back(rest.raw)
                 self._settled(rest)
             raise
         finally:
@@ -471,7 +475,7 @@ class Worker(Generic[T]):
             except RejectMessage as exc:
                 return await self._dead_letter(delivery, exc.reason, exc.error, span, case_key=exc.case_key)
             except asyncio.CancelledError:
-                await _release(delivery.raw)
+                await self._give_back(delivery.raw)
                 raise
             except Exception as exc:
                 if not is_transient(exc):
@@ -566,7 +570,7 @@ class Worker(Generic[T]):
                 await self._dead_letters.send(delivery, reason, error, case_key=case_key)
                 break
             except asyncio.CancelledError:
-                await _release(delivery.raw)
+                await self._give_back(delivery.raw)
                 raise
             except Exception as exc:
                 # Never drop what could not be stored: keep it and try again (NATS away).

@@ -1,33 +1,19 @@
-"""The model side of the tool loop: the `LlmProvider` protocol, and `ScriptedLlm` for tests and docs.
-
-The loop only calls `complete`; whether the model runs in-process, behind an HTTP API or behind
-the LLM gateway over NATS is the provider's business. The LLM types themselves are contracts
-(`tianshu_contracts.llm`), re-exported by `tianshu_core`.
-"""
+"""`ScriptedLlm`: a model that answers from a script, for tests and docs."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from tianshu_contracts.llm import LlmRequest, LlmResponse
+from tianshu_contracts.llm import LlmRequest, LlmResponse, LlmStreamEvent
 
-from .errors import TianshuError
+from ..errors import TianshuError
+from ._provider import LlmInvocation, events_of
 
 Reply = LlmResponse | str
 """What a script gives: a full response, or plain text (a reply that ends the loop)."""
 ReplyFn = Callable[[LlmRequest], "Reply | Awaitable[Reply]"]
-
-
-@runtime_checkable
-class LlmProvider(Protocol):
-    """Something that answers an `LlmRequest`: a provider adapter, the gateway client, a script."""
-
-    async def complete(self, request: LlmRequest) -> LlmResponse:
-        """The model's reply to `request` (its text, tool calls, usage and finish reason)."""
-        ...
 
 
 class ScriptedLlm:
@@ -54,7 +40,12 @@ class ScriptedLlm:
         """How many times the model was asked."""
         return len(self.requests)
 
-    async def complete(self, request: LlmRequest) -> LlmResponse:
+    async def complete(
+        self,
+        request: LlmRequest,
+        *,
+        invocation: LlmInvocation | None = None,  # noqa: ARG002 - in-process: nothing to route
+    ) -> LlmResponse:
         """The next scripted reply; a TianshuError when a list script has run out."""
         self.requests.append(request)
         if self.delay:
@@ -72,3 +63,10 @@ class ScriptedLlm:
                 )
             reply = self._replies[n - 1]
         return LlmResponse.text(reply) if isinstance(reply, str) else reply
+
+    async def stream(
+        self, request: LlmRequest, *, invocation: LlmInvocation | None = None
+    ) -> AsyncIterator[LlmStreamEvent]:
+        """The next scripted reply as events (its text in one delta)."""
+        for event in events_of(await self.complete(request, invocation=invocation)):
+            yield event

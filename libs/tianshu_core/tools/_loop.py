@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import ValidationError
 
-from tianshu_contracts.llm import LlmMessage, LlmRequest, LlmResponse, ToolCall, ToolResult
+from tianshu_contracts import WireError
+from tianshu_contracts.llm import LlmErrorClass, LlmMessage, LlmRequest, LlmResponse, ToolCall, ToolResult
 from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER
 
 from ..context import Suspend, _decode, _guard
 from ..errors import TianshuError
+from ..llm import LLM_RESULT_RESOURCE, LlmCallPending, LlmError, LlmInvocation, takes_invocation
 from ..models import PollPredicate
 from ..retry import RetryPolicy
 from ..telemetry import in_span
@@ -128,6 +130,13 @@ class ToolLoop:
         config: ToolLoopConfig,
     ) -> None:
         self.ctx, self.name, self.llm, self.tools, self.config = ctx, name, llm, tools, config
+        if config.llm_retry is not None and getattr(llm, "retries_calls", False):
+            raise TianshuError(
+                f"tool_step {name!r}: ToolLoopConfig.llm_retry with a provider that retries its own "
+                f"calls ({type(llm).__name__}): two nested retry loops multiply attempts; drop llm_retry "
+                "and set the provider's policy instead"
+            )
+        self._takes_invocation = takes_invocation(llm)
         full = ctx._stage_prefix + name
         generation = ctx._generation[full]
         # Records of a cleared loop must not be replayed by its next run: give them new names.
@@ -164,16 +173,53 @@ class ToolLoop:
             "gen_ai.request.model": request.model,
         }
 
+        invocation = LlmInvocation.of(self.ctx.case.case_key, record)
+
         def complete() -> Awaitable[LlmResponse]:
-            return self.llm.complete(request)
+            if self._takes_invocation:
+                return self.llm.complete(request, invocation=invocation)
+            return self.llm.complete(request)  # a provider written before invocations existed
 
         async def ask() -> LlmResponse:
-            policy = self.config.llm_retry
-            if policy is None:
-                return await complete()
-            return await policy.call(f"model call {record!r}", complete)
+            waited = await self._awaited_reply(invocation)
+            if waited is not None:
+                return waited
+            try:
+                policy = self.config.llm_retry
+                if policy is None:
+                    return await complete()
+                return await policy.call(f"model call {record!r}", complete)
+            except LlmCallPending as pending:
+                wake_at = await self.ctx._deadline(f"{record}:wait", pending.wait_s)
+                raise _Pending(_llm_predicate(invocation), wake_at) from None
 
-        return await self.ctx.step(record, lambda: in_span("tianshu.llm", attrs, ask), returns=LlmResponse)
+        try:
+            return await self.ctx.step(
+                record, lambda: in_span("tianshu.llm", attrs, ask), returns=LlmResponse
+            )
+        except _Pending as pending:
+            raise Suspend([pending.predicate], pending.wake_at) from None
+
+    async def _awaited_reply(self, invocation: LlmInvocation) -> LlmResponse | None:
+        """For a model call sent to a remote provider and awaited as an event: its answer, an
+        `LlmError` past its deadline, or `_Pending` while it may still come. None for a call
+        never parked."""
+        ctx = self.ctx
+        wait = f"{invocation.record}:wait"
+        timer = ctx._journal.records.get((wait, ctx._generation[wait]))
+        if timer is None:
+            return None
+        event = await _guard(
+            ctx._run.stores.events.next_after(
+                LLM_RESULT_RESOURCE, invocation.call_id, after_seq=0, not_before=ctx.case.created_at
+            )
+        )
+        if event is not None:
+            return _llm_answer(event.payload)
+        wake_at = datetime.fromisoformat(_decode(timer)["fire_at"])
+        if ctx._run.clock.now() >= wake_at:
+            raise LlmError("no answer arrived before the deadline", error_class=LlmErrorClass.UNAVAILABLE)
+        raise _Pending(_llm_predicate(invocation), wake_at)
 
     # -- one round ----------------------------------------------------------------------------
 
@@ -281,6 +327,28 @@ class ToolLoop:
         if ctx._run.clock.now() >= wake_at:
             return error_result(call, f"tool {call.name}: no result arrived before the deadline")
         raise _Pending(_predicate(invocation), wake_at)
+
+
+def _llm_predicate(invocation: LlmInvocation) -> PollPredicate:
+    return PollPredicate(
+        resource_type=LLM_RESULT_RESOURCE, resource_id=invocation.call_id, step_name=invocation.record
+    )
+
+
+def _llm_answer(payload: object) -> LlmResponse:
+    """A remote provider's answer published as an event: an `LlmResponse`, or `{"error": ...}`
+    (a `WireError` whose code is the `LlmErrorClass`), raised as `LlmError`."""
+    if isinstance(payload, dict) and "error" in payload and "kind" not in payload:
+        error = WireError.model_validate(payload["error"])
+        try:
+            error_class = LlmErrorClass(error.code or "")
+        except ValueError:
+            error_class = LlmErrorClass.FATAL
+        raise LlmError(error.message, error_class=error_class)
+    try:
+        return LlmResponse.model_validate(payload)
+    except ValidationError as exc:
+        raise LlmError(f"a malformed answer arrived: {exc}", error_class=LlmErrorClass.FATAL) from exc
 
 
 def _wait_name(invocation: ToolInvocation) -> str:
