@@ -6,6 +6,7 @@ COPY libs libs
 COPY contracts contracts
 COPY services services
 COPY examples examples
+COPY deploy deploy
 RUN pip install --no-cache-dir .
 ENV PYTHONUNBUFFERED=1
 CMD ["tianshu-scheduler"]

@@ -183,8 +183,12 @@ async def test_tianshu_streams_and_consumers_are_ensured_idempotently(nc: Client
         subjects.STREAM_EVENTS,
         subjects.STREAM_TOOLS,
         subjects.STREAM_TOOL_RESULTS,
+        subjects.STREAM_LLM,
+        subjects.STREAM_LLM_RESULTS,
+        subjects.STREAM_LLM_STREAM,
         subjects.STREAM_DLQ,
     ]
+    assert (await js.stream_info(subjects.STREAM_LLM_STREAM)).config.storage == "memory"
     for a, b, spec in zip(first, second, specs, strict=True):
         assert a.created == b.created
         assert spec.differences(b.config) == []

@@ -103,6 +103,27 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
         runner="runner-1",
         duration_s=0.25,
     ),
+    tc.LlmCallRequest: tc.LlmCallRequest(
+        call_id="9b1c0e",
+        case_key="order-42",
+        record="agent/r1/llm",
+        attempt=1,
+        stream=True,
+        request=tc.LlmRequest(model="smart", messages=[tc.LlmMessage.user("Refund order 42?")]),
+    ),
+    tc.LlmCallResult: tc.LlmCallResult(
+        call_id="9b1c0e",
+        case_key="order-42",
+        record="agent/r1/llm",
+        route="smart",
+        response=tc.LlmResponse.text("Done.", tc.Usage(prompt_tokens=12, completion_tokens=2)),
+        attempts=[tc.LlmAttempt(provider="anthropic", model="claude", usage=tc.Usage(prompt_tokens=12))],
+        gateway="gateway-1",
+        duration_s=0.4,
+    ),
+    tc.LlmStreamChunk: tc.LlmStreamChunk(
+        call_id="9b1c0e", case_key="order-42", attempt=1, seq=1, event=tc.TextDelta(text="Do")
+    ),
 }
 
 
@@ -281,6 +302,8 @@ EXPORTS = {
     *("TOOL_CALL_REQUEST_ADAPTER", "TOOL_CALL_RESULT_ADAPTER", "ToolCallRequest", "ToolCallResult"),
     *("Done", "LlmMessage", "LlmRequest", "LlmResponse", "LlmStreamEvent", "Role", "StreamError"),
     *("LlmAttempt", "LlmErrorClass"),
+    *("LLM_CALL_REQUEST_ADAPTER", "LLM_CALL_RESULT_ADAPTER", "LLM_STREAM_CHUNK_ADAPTER"),
+    *("LlmCallRequest", "LlmCallResult", "LlmStreamChunk", "UsageSummary"),
     *("TextDelta", "ToolCall", "ToolName", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageEvent"),
     *("MESSAGES", "REFUSAL_ADAPTER", "START_CASE_ADAPTER", "START_CASE_REPLY_ADAPTER"),
     *("CancelCase", "CaseCommand", "CaseFinished", "CaseFound", "CaseKey", "CaseNotFound", "CaseSummary"),

@@ -85,7 +85,7 @@ async def db_url(pg_server_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 def dev(tmp_path: Path, db_url: str) -> Iterator[Dev]:
-    made = Dev(tmp_path, db_url)
+    made = Dev(tmp_path, db_url, "--workflows", "examples.approval,examples.agent")
     yield made
     made.kill()
 
@@ -100,7 +100,8 @@ async def test_dev_runs_the_stack_and_ctrl_c_stops_it_in_order(dev: Dev, db_url:
     url = dev.wait_ready()
     children = dev.descendants()
     names = sorted(" ".join(p.cmdline()[:3]) for p in children)
-    assert any("nats-server" in n for n in names) and len(children) == 3, names  # nats, scheduler, runner
+    # nats, the scheduler, a tool runner, the scripted model server and an LLM gateway
+    assert any("nats-server" in n for n in names) and len(children) == 5, names
     nc = await nats.connect(url)
     db = await CaseDb.open(db_url)
     try:
@@ -111,6 +112,13 @@ async def test_dev_runs_the_stack_and_ctrl_c_stops_it_in_order(dev: Dev, db_url:
         )
         done = await db.wait_state(key, "finished", context=dev.text)
         assert done["finished_type"] == "approved"
+        # The example agent: a tool loop whose model is the gateway, answering from the scripted
+        # model server that `tianshu dev` started (it echoes the question).
+        agent = await request_start(
+            nc, "agent", {"question": "What does storage cost?"}, key=new_key("agent")
+        )
+        answered = await db.wait_state(agent, "finished", context=dev.text)
+        assert answered["output"] == {"answer": "echo: What does storage cost?"}
     finally:
         await nc.close()
         await db.close()
@@ -125,7 +133,7 @@ async def test_dev_runs_the_stack_and_ctrl_c_stops_it_in_order(dev: Dev, db_url:
 async def test_a_killed_dev_leaves_no_process_behind(dev: Dev) -> None:
     dev.wait_ready()
     children = dev.descendants()
-    assert len(children) == 3
+    assert len(children) == 5
     dev.kill()  # SIGKILL: no chance to stop anything itself
     assert gone(children, 30) == []
 
@@ -159,3 +167,24 @@ def test_a_taken_nats_port_is_a_clear_error(tmp_path: Path, nats_server: NatsSer
     )
     assert done.returncode == 2
     assert f"port {nats_server.port} is taken" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_compose_stack_wires_the_gateway_to_the_scripted_model_server() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    gateway = compose["services"]["llm-gateway"]
+    assert gateway["command"] == ["tianshu-llm-gateway"]
+    config = gateway["environment"]["TIANSHU_LLM_GATEWAY_CONFIG"]
+    path = ROOT / config.split(":-", 1)[1].rstrip("}").removeprefix("/app/")
+    assert path.is_file()
+    assert "/etc/nats/tianshu.conf" in compose["services"]["nats"]["command"]
+    checked = subprocess.run(
+        [sys.executable, "-m", "tianshu_llm_gateway", "--check-config", str(path)],
+        env={**os.environ, "TIANSHU_SCRIPTED_KEY": "scripted"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "route default" in checked.stdout and "scripted" not in checked.stdout.split("keys:")[1][:3]

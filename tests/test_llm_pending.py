@@ -131,3 +131,48 @@ async def test_without_a_model_ctx_llm_says_how_to_give_one() -> None:
     await engine.run_case(case.case_key)
     failed = await engine.get_case(case.case_key)
     assert failed.error is not None and "Engine(llm=...)" in failed.error.message
+
+
+class RemoteWithAttempts(RemoteLlm):
+    """A remote provider that re-sends a call whose deadline passed (the gateway client)."""
+
+    max_attempts = 2
+
+
+async def test_past_the_deadline_the_same_call_is_sent_again_then_it_is_unavailable() -> None:
+    llm = RemoteWithAttempts()
+    engine, clock = engine_with(llm)
+    case = await engine.start_case("remote", {})
+    await engine.run_case(case.case_key)
+    clock.advance(61)
+    await engine.fire_due_timers()
+    await engine.run_case(case.case_key)  # attempt 2 is sent, and parks again
+    assert [i.attempt for i in llm.invocations if i] == [1, 2]
+    assert len({i.call_id for i in llm.invocations if i}) == 1  # the same call id
+    assert (await engine.get_case(case.case_key)).execution_state is ExecutionState.WAITING
+    clock.advance(61)
+    await engine.fire_due_timers()
+    await engine.run_case(case.case_key)
+    failed = await engine.get_case(case.case_key)
+    assert failed.execution_state is ExecutionState.FAILED and failed.error is not None
+    assert "no answer arrived before the deadline (2 attempts)" in failed.error.message
+    assert len(llm.invocations) == 2
+
+
+async def test_an_answer_to_the_first_attempt_is_taken_after_a_resend() -> None:
+    llm = RemoteWithAttempts()
+    engine, clock = engine_with(llm)
+    case = await engine.start_case("remote", {})
+    await engine.run_case(case.case_key)
+    clock.advance(61)
+    await engine.fire_due_timers()
+    await engine.run_case(case.case_key)
+    (first, _second) = llm.invocations
+    assert first is not None
+    # The first attempt's answer arrives late (the gateway was back): it is the call's answer.
+    await engine.publish_event(
+        LLM_RESULT_RESOURCE, first.call_id, LlmResponse.text("late but fine").model_dump(mode="json")
+    )
+    await engine.run_case(case.case_key)
+    assert (await engine.get_case(case.case_key)).output == "late but fine"
+    assert len(llm.invocations) == 2

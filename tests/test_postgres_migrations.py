@@ -29,6 +29,7 @@ TABLES = {
     "tianshu_waits",
     "tianshu_events",
     "tianshu_timers",
+    "tianshu_llm_usage",
 }
 
 
@@ -77,6 +78,17 @@ async def test_fresh_database_is_migrated_and_rerun_is_a_no_op(fresh_db: str) ->
 
     assert await migrate(fresh_db) == []
     assert await recorded(fresh_db) == all_versions()
+
+
+async def test_usage_table_has_its_indexes(fresh_db: str) -> None:
+    await migrate(fresh_db)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        rows = await conn.fetch("SELECT indexdef FROM pg_indexes WHERE tablename = 'tianshu_llm_usage'")
+    finally:
+        await conn.close()
+    columns = {r[0].partition(" USING btree ")[2] for r in rows}
+    assert columns == {"(call_id)", "(case_key)", "(session_id, created_at)", "(created_at)"}
 
 
 async def test_concurrent_migrations_apply_each_version_once(fresh_db: str) -> None:

@@ -7,6 +7,7 @@ sessions and resources, and scans are always narrowed to the test's own session.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from tianshu_contracts.errors import WireError
+from tianshu_contracts.gateway import LlmCallResult, UsageSummary
+from tianshu_contracts.llm import LlmAttempt, LlmErrorClass, LlmResponse, Usage
 from tianshu_core.errors import ErrorInfo, LeaseLostError
 from tianshu_core.models import (
     Case,
@@ -28,7 +32,7 @@ from tianshu_core.models import (
 )
 from tianshu_core.stores.memory import memory_stores
 from tianshu_core.stores.postgres import connect_postgres
-from tianshu_core.stores.protocols import Stores
+from tianshu_core.stores.protocols import Stores, UsageRow
 
 BACKENDS = [
     pytest.param("memory", id="memory"),
@@ -804,3 +808,114 @@ async def test_journal_append_many_is_all_durable_and_fenced_per_entry(stores: S
             [entry(case.case_key, 3, lease.token), entry(case.case_key, 4, lease.token + 5)]
         )
     assert [e.seq for e in await stores.journal.load(case.case_key)] == [1, 2, 3]
+
+
+# -- model call usage ---------------------------------------------------------------------------
+
+
+def usage_row(case_key: str, *, at: int = 0, **fields: Any) -> UsageRow:
+    fields.setdefault("call_id", uid("call"))
+    fields.setdefault("route", "default")
+    return UsageRow(case_key=case_key, created_at=NOW + timedelta(seconds=at), **fields)
+
+
+def sums(summary: UsageSummary) -> tuple[int | float, ...]:
+    """calls, attempts, input, output, cache read and cache write tokens, cost."""
+    return tuple(summary.model_dump().values())
+
+
+async def test_usage_record_is_idempotent_on_the_call_id(stores: Stores) -> None:
+    tokens = {"input_tokens": 100, "output_tokens": 20, "cache_read_tokens": 60, "cache_write_tokens": 5}
+    first = usage_row(uid("case"), session_id=uid("sess"), provider="p", model="m", attempts=2, **tokens)
+    first = dataclasses.replace(first, workflow_code="wf", cost_usd=0.25, latency_s=1.5, first_token_s=0.3)
+    assert await stores.usage.record(first) is True
+    again = dataclasses.replace(first, input_tokens=999, cost_usd=9.0, created_at=NOW + timedelta(hours=1))
+    assert await stores.usage.record(again) is False  # the first one stays
+    assert await stores.usage.rows(case_key=first.case_key) == [first]
+    assert sums(await stores.usage.summary(case_key=first.case_key)) == (1, 2, 100, 20, 60, 5, 0.25)
+
+
+async def test_usage_summary_filters_and_rows_order(stores: Stores) -> None:
+    sid, other_sid, case_a, case_b = uid("sess"), uid("sess"), uid("case"), uid("case")
+    later = usage_row(
+        case_a, at=2, session_id=sid, workflow_code="w1", attempts=1, input_tokens=10, cost_usd=0.5
+    )
+    earlier = usage_row(case_b, at=1, session_id=sid, workflow_code="w2", attempts=3, output_tokens=7)
+    failed = usage_row(case_a, at=3, session_id=sid, workflow_code="w1", error_class="unavailable")
+    elsewhere = usage_row(
+        uid("case"), session_id=other_sid, workflow_code="w1", input_tokens=1000, cost_usd=1
+    )
+    for row in (later, earlier, failed, elsewhere):
+        assert await stores.usage.record(row) is True
+
+    # A row without a cost estimate adds nothing to the cost.
+    assert sums(await stores.usage.summary(session_id=sid)) == (3, 4, 10, 7, 0, 0, 0.5)
+    assert (await stores.usage.summary(session_id=sid, workflow_code="w1")).calls == 2
+    assert (await stores.usage.summary(case_key=case_a)).input_tokens == 10
+    assert (await stores.usage.summary(session_id=sid, since=NOW + timedelta(seconds=2))).calls == 2
+    assert await stores.usage.summary(session_id=uid("sess")) == UsageSummary()
+
+    assert await stores.usage.rows(session_id=sid) == [earlier, later, failed]  # oldest first
+    assert await stores.usage.rows(session_id=sid, limit=2) == [earlier, later]
+    assert await stores.usage.rows(case_key=case_a, session_id=sid) == [later, failed]
+    assert await stores.usage.rows(case_key=uid("case")) == []
+
+
+async def test_usage_outlives_the_case(stores: Stores) -> None:
+    """Purging a case (or history retention) leaves what its model calls cost."""
+    case = make_case()
+    await stores.cases.insert(case)
+    row = usage_row(case.case_key, session_id=case.session_id, workflow_code=case.workflow_code)
+    await stores.usage.record(row)
+    await stores.cases.delete(case.case_key)
+    assert await stores.usage.rows(case_key=case.case_key) == [row]
+
+
+def test_usage_row_from_a_result_sums_every_attempt() -> None:
+    refused, used = (
+        Usage(prompt_tokens=5),
+        Usage(prompt_tokens=100, completion_tokens=20, cache_read_tokens=60),
+    )
+    overloaded = LlmAttempt(
+        provider="openai", model="gpt", error_class=LlmErrorClass.OVERLOADED, usage=refused
+    )
+    answered = LlmAttempt(
+        provider="anthropic", model="claude", usage=used.model_copy(update={"cache_write_tokens": 4})
+    )
+    result = LlmCallResult(
+        call_id="c1",
+        case_key="k1",
+        record="r",
+        route="smart",
+        response=LlmResponse(content="hi", provider="anthropic", model="claude"),
+        attempts=[overloaded, answered],
+        gateway="g",
+        duration_s=2.0,
+        first_token_s=0.4,
+        cost_usd=0.01,
+    )
+    row = UsageRow.from_result(result, session_id="s", workflow_code="wf")
+    assert (row.call_id, row.case_key, row.session_id, row.workflow_code, row.route) == (
+        "c1",
+        "k1",
+        "s",
+        "wf",
+        "smart",
+    )
+    assert (row.provider, row.model, row.attempts, row.error_class) == ("anthropic", "claude", 2, None)
+    assert (row.input_tokens, row.output_tokens, row.cache_read_tokens, row.cache_write_tokens) == (
+        105,
+        20,
+        60,
+        4,
+    )
+    assert (row.cost_usd, row.latency_s, row.first_token_s) == (0.01, 2.0, 0.4)
+    assert row.created_at.tzinfo is not None
+
+    failure = WireError(type="LlmError", code="unavailable", message="no provider answered")
+    failed = result.model_copy(
+        update={"response": None, "error": failure, "error_class": None, "attempts": [overloaded]}
+    )
+    row = UsageRow.from_result(failed)
+    assert (row.provider, row.model, row.attempts, row.input_tokens) == (None, None, 1, 5)
+    assert row.error_class == "unavailable" and row.session_id is None

@@ -39,6 +39,15 @@ from .cases import (
 from .catalog import CHANNELS, EVENT_PAYLOAD_ADAPTER, MESSAGES, Channel
 from .dead_letters import DEAD_LETTER_ADAPTER, REFUSAL_ADAPTER, DeadLetter, DeadLetterReason, Refusal
 from .errors import WireError
+from .gateway import (
+    LLM_CALL_REQUEST_ADAPTER,
+    LLM_CALL_RESULT_ADAPTER,
+    LLM_STREAM_CHUNK_ADAPTER,
+    LlmCallRequest,
+    LlmCallResult,
+    LlmStreamChunk,
+    UsageSummary,
+)
 from .llm import (
     LLM_REQUEST_ADAPTER,
     LLM_RESPONSE_ADAPTER,
@@ -72,8 +81,11 @@ __all__ = [
     "EVENT_PAYLOAD_ADAPTER",
     "GET_CASE_ADAPTER",
     "GET_CASE_REPLY_ADAPTER",
+    "LLM_CALL_REQUEST_ADAPTER",
+    "LLM_CALL_RESULT_ADAPTER",
     "LLM_REQUEST_ADAPTER",
     "LLM_RESPONSE_ADAPTER",
+    "LLM_STREAM_CHUNK_ADAPTER",
     "LLM_STREAM_EVENT_ADAPTER",
     "MESSAGES",
     "REFUSAL_ADAPTER",
@@ -98,10 +110,13 @@ __all__ = [
     "GetCaseReply",
     "LifecycleState",
     "LlmAttempt",
+    "LlmCallRequest",
+    "LlmCallResult",
     "LlmErrorClass",
     "LlmMessage",
     "LlmRequest",
     "LlmResponse",
+    "LlmStreamChunk",
     "LlmStreamEvent",
     "Message",
     "PauseCase",
@@ -123,6 +138,7 @@ __all__ = [
     "ToolUse",
     "Usage",
     "UsageEvent",
+    "UsageSummary",
     "WireError",
     "WireModel",
     "catalog",

@@ -34,6 +34,14 @@ from .cases import (
     StartCaseAccepted,
 )
 from .dead_letters import DEAD_LETTER_ADAPTER, REFUSAL_ADAPTER, DeadLetter, Refusal
+from .gateway import (
+    LLM_CALL_REQUEST_ADAPTER,
+    LLM_CALL_RESULT_ADAPTER,
+    LLM_STREAM_CHUNK_ADAPTER,
+    LlmCallRequest,
+    LlmCallResult,
+    LlmStreamChunk,
+)
 from .tools import TOOL_CALL_REQUEST_ADAPTER, TOOL_CALL_RESULT_ADAPTER, ToolCallRequest, ToolCallResult
 
 EVENT_PAYLOAD_ADAPTER: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
@@ -196,6 +204,38 @@ CHANNELS: tuple[Channel, ...] = (
         action="receive",
         stream=subjects.STREAM_TOOL_RESULTS,
         parameters={"case_key": "The key of the case that made the call."},
+    ),
+    Channel(
+        id="llmCalls",
+        address=subjects.LLM_CALLS,
+        description="A model call for any LLM gateway (TIANSHU_LLM is a work queue: one shared durable "
+        "consumer). Nats-Msg-Id is '<call_id>:<attempt>': a redelivery is dropped, a new attempt is not.",
+        messages=(LlmCallRequest,),
+        adapter=LLM_CALL_REQUEST_ADAPTER,
+        action="send",
+        stream=subjects.STREAM_LLM,
+    ),
+    Channel(
+        id="llmResults",
+        address=f"{subjects.PREFIX}.llm.results.{{case_key}}",
+        description="The answer to a model call made by the case: a response or an error with its "
+        "class, and every upstream attempt's usage. Recorded once per call_id.",
+        messages=(LlmCallResult,),
+        adapter=LLM_CALL_RESULT_ADAPTER,
+        action="receive",
+        stream=subjects.STREAM_LLM_RESULTS,
+        parameters={"case_key": "The key of the case that made the call."},
+    ),
+    Channel(
+        id="llmStream",
+        address=f"{subjects.PREFIX}.llm.stream.{{case_key}}.{{call_id}}",
+        description="The events of a streamed model call, in order, for people to follow "
+        "(TIANSHU_LLM_STREAM: memory storage, kept minutes); never stored in Postgres.",
+        messages=(LlmStreamChunk,),
+        adapter=LLM_STREAM_CHUNK_ADAPTER,
+        action="receive",
+        stream=subjects.STREAM_LLM_STREAM,
+        parameters={"case_key": "The key of the case that made the call.", "call_id": "The call's id."},
     ),
 )
 

@@ -15,6 +15,9 @@ Subjects carry the contract's version (`tianshu.v1.…`); a breaking change gets
 | `tianshu.v1.dlq.<origin>` | `DeadLetter` of a message from `tianshu.v1.<origin>` | TIANSHU_DLQ |
 | `tianshu.v1.tools.calls.<tool>` | `ToolCallRequest`, for any tool runner | TIANSHU_TOOLS |
 | `tianshu.v1.tools.results.<case_key>` | `ToolCallResult` of the case's call | TIANSHU_TOOL_RESULTS |
+| `tianshu.v1.llm.calls` | `LlmCallRequest`, for any LLM gateway | TIANSHU_LLM |
+| `tianshu.v1.llm.results.<case_key>` | `LlmCallResult` of the case's model call | TIANSHU_LLM_RESULTS |
+| `tianshu.v1.llm.stream.<case_key>.<call_id>` | `LlmStreamChunk`s of a streamed call | TIANSHU_LLM_STREAM |
 
 "none" means core NATS: not stored, seen only by those subscribed at the time.
 
@@ -59,6 +62,9 @@ ERRORS: Final = f"{PREFIX}.errors.>"
 DEAD_LETTERS: Final = f"{PREFIX}.dlq.>"
 TOOL_CALLS: Final = f"{PREFIX}.tools.calls.*"
 TOOL_RESULTS: Final = f"{PREFIX}.tools.results.*"
+LLM_CALLS: Final = f"{PREFIX}.llm.calls"
+LLM_RESULTS: Final = f"{PREFIX}.llm.results.*"
+LLM_STREAMS: Final = f"{PREFIX}.llm.stream.>"
 
 # Streams.
 STREAM_CASES: Final = "TIANSHU_CASES"
@@ -66,6 +72,9 @@ STREAM_EVENTS: Final = "TIANSHU_EVENTS"
 STREAM_DLQ: Final = "TIANSHU_DLQ"
 STREAM_TOOLS: Final = "TIANSHU_TOOLS"
 STREAM_TOOL_RESULTS: Final = "TIANSHU_TOOL_RESULTS"
+STREAM_LLM: Final = "TIANSHU_LLM"
+STREAM_LLM_RESULTS: Final = "TIANSHU_LLM_RESULTS"
+STREAM_LLM_STREAM: Final = "TIANSHU_LLM_STREAM"
 
 STREAM_SUBJECTS: Final[dict[str, tuple[str, ...]]] = {
     STREAM_CASES: (CASES_START, CASE_COMMANDS),
@@ -73,6 +82,9 @@ STREAM_SUBJECTS: Final[dict[str, tuple[str, ...]]] = {
     STREAM_DLQ: (DEAD_LETTERS,),
     STREAM_TOOLS: (TOOL_CALLS,),
     STREAM_TOOL_RESULTS: (TOOL_RESULTS,),
+    STREAM_LLM: (LLM_CALLS,),
+    STREAM_LLM_RESULTS: (LLM_RESULTS,),
+    STREAM_LLM_STREAM: (LLM_STREAMS,),
 }
 """Which subjects each stream captures; no two overlap, and none captures `tianshu.v1.rpc.>`."""
 
@@ -84,6 +96,9 @@ QUEUE_SCHEDULER: Final = "tianshu-scheduler"
 # The tool runners' shared durable consumer of TIANSHU_TOOLS, and the schedulers' of the results.
 CONSUMER_TOOL_CALLS: Final = "tianshu-tool-runner"
 CONSUMER_TOOL_RESULTS: Final = "tianshu-scheduler-tool-results"
+# The LLM gateways' shared durable consumer of TIANSHU_LLM, and the schedulers' of the results.
+CONSUMER_LLM_CALLS: Final = "tianshu-llm-gateway"
+CONSUMER_LLM_RESULTS: Final = "tianshu-scheduler-llm-results"
 
 # Headers.
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
@@ -115,6 +130,21 @@ def tool_call(tool: str) -> str:
 def tool_result(case_key: str) -> str:
     """`tianshu.v1.tools.results.<case_key>`: where the results of the case's tool calls arrive."""
     return f"{PREFIX}.tools.results.{require_plain(case_key, 'case key')}"
+
+
+def llm_result(case_key: str) -> str:
+    """`tianshu.v1.llm.results.<case_key>`: where the answers to the case's model calls arrive."""
+    return f"{PREFIX}.llm.results.{require_plain(case_key, 'case key')}"
+
+
+def llm_stream(case_key: str, call_id: str) -> str:
+    """`tianshu.v1.llm.stream.<case_key>.<call_id>`: a streamed model call's events."""
+    return f"{PREFIX}.llm.stream.{require_plain(case_key, 'case key')}.{require_plain(call_id, 'call id')}"
+
+
+def llm_streams_of(case_key: str) -> str:
+    """`tianshu.v1.llm.stream.<case_key>.*`: every streamed model call of a case."""
+    return f"{PREFIX}.llm.stream.{require_plain(case_key, 'case key')}.*"
 
 
 def case_key_of(subject: str) -> str:

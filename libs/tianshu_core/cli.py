@@ -1,9 +1,10 @@
 """The `tianshu` command: database migrations, case inspection, the scheduler and dead letters over NATS.
 
-`db` and `cases list|show|history|purge` read Postgres (`TIANSHU_DATABASE_URL`); `start`,
-`events publish`, `cases cancel|pause|resume` and `cases show --via-nats` go through NATS
-(`TIANSHU_NATS_*`, see `NatsSettings`) to a running scheduler; `dlq list|show|replay` reads and
-replays the TIANSHU_DLQ stream (see `tianshu_core.dlq`). Errors print one line, no traceback.
+`db`, `usage` and `cases list|show|history|purge` read Postgres (`TIANSHU_DATABASE_URL`); `start`,
+`events publish`, `cases cancel|pause|resume|follow` and `cases show --via-nats` go through NATS
+(`TIANSHU_NATS_*`, see `NatsSettings`), the first ones to a running scheduler; `dlq
+list|show|replay` reads and replays the TIANSHU_DLQ stream (see `tianshu_core.dlq`). Errors print
+one line, no traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import asyncpg
 import nats.errors
 from pydantic import ValidationError
+
+from tianshu_contracts import CaseUpdated, Done, LlmStreamChunk, StreamError, TextDelta, ToolUse, UsageSummary
 
 from . import dlq, serde
 from .bus import NatsSettings, connect
@@ -78,6 +81,7 @@ def _since(text: str) -> datetime:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+_TIME_HELP = "ISO-8601 (UTC when it names no zone) or a duration back from now (90s, 10m, 2h, 1d)"
 _ORIGIN_HELP = (
     "only letters from this original subject or subject pattern, with or without 'tianshu.v1.' "
     "(events.>, tools.calls.search, cases.*.command); one without a final '>' also takes the "
@@ -120,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--workflows", default="examples.approval", help="TIANSHU_WORKFLOWS for the scheduler")
     dev.add_argument("--tools", default="examples.tools", help="TIANSHU_TOOLS for the tool runners")
     dev.add_argument("--runners", type=int, default=1, help="how many tool runners (default 1; 0: none)")
+    dev.add_argument("--gateways", type=int, default=1, help="how many LLM gateways (default 1; 0: none)")
+    dev.add_argument(
+        "--llm-config",
+        type=Path,
+        help="the LLM gateway's providers file (real models); default: the scripted model server",
+    )
     dev.add_argument(
         "--nats-port", type=int, default=4222, help="port of the nats-server it starts (0: a free one)"
     )
@@ -176,9 +186,20 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--workflow")
     ls.add_argument("--session")
     ls.add_argument("--limit", type=int, default=50)
-    show = cases.add_parser("show", parents=[via_nats], help="one case, with its error if it failed")
+    show = cases.add_parser(
+        "show", parents=[via_nats], help="one case, with its error if it failed and what its model calls cost"
+    )
     show.add_argument("case_key")
     show.add_argument("--via-nats", action="store_true", help="ask a running scheduler, not Postgres")
+    follow = cases.add_parser(
+        "follow",
+        parents=[via_nats],
+        help="print a case's model output as it streams, and its state changes, until it ends",
+    )
+    follow.add_argument("case_key")
+    follow.add_argument(
+        "--json", action="store_true", help="one JSON object a line: each stream chunk and case update"
+    )
     history = cases.add_parser("history", help="a case's journal: every durable effect, in order")
     history.add_argument("case_key")
     purge = cases.add_parser("purge", help="remove a case and its history")
@@ -187,6 +208,17 @@ def _parser() -> argparse.ArgumentParser:
         command = cases.add_parser(verb, parents=[via_nats], help=f"{what} (a message to the scheduler)")
         command.add_argument("case_key")
         command.add_argument("--reason")
+
+    usage = sub.add_parser(
+        "usage", help="tokens and estimated cost of model calls (every call, or those of the filters)"
+    )
+    usage.add_argument("--session", help="only the calls of this session")
+    usage.add_argument("--workflow", help="only the calls of this workflow")
+    usage.add_argument("--case", help="only the calls of this case")
+    usage.add_argument(
+        "--since", type=_since, metavar="TIME", help="only calls made since TIME: " + _TIME_HELP
+    )
+    usage.add_argument("--json", action="store_true", help="the sums as JSON")
 
     letters = sub.add_parser(
         "dlq", help="dead letters: messages that could not be handled, kept in the TIANSHU_DLQ stream"
@@ -201,8 +233,7 @@ def _parser() -> argparse.ArgumentParser:
         "--since",
         type=_since,
         metavar="TIME",
-        help="only letters dead-lettered since TIME: ISO-8601 (UTC when it names no zone) or a "
-        "duration back from now (90s, 10m, 2h, 1d)",
+        help="only letters dead-lettered since TIME: " + _TIME_HELP,
     )
     dl_list.add_argument("--json", action="store_true", help="a JSON array: each letter's fields and its id")
     dl_show = letters.add_parser("show", parents=[via_nats], help="one dead letter, payload included")
@@ -264,6 +295,8 @@ async def _run_nats(args: argparse.Namespace) -> int:
             )
             print(json.dumps(dataclasses.asdict(receipt), indent=2))
             return 0
+        if args.command == "follow":
+            return await _follow(client, args.case_key, as_json=args.json)
         if args.command == "show":
             case = await client.get_case(args.case_key)
             if case is None:
@@ -313,6 +346,82 @@ async def _run_dlq(args: argparse.Namespace) -> int:
     return 0 if all(result.ok for result in results) else 1
 
 
+def _usd(amount: float) -> str:
+    return f"{amount:.6f}" if 0 < amount < 0.01 else f"{amount:.4f}"
+
+
+def _usage_table(summary: UsageSummary) -> str:
+    """The sums as two aligned columns."""
+    rows = [
+        ("calls", f"{summary.calls:,}"),
+        ("attempts", f"{summary.attempts:,}"),
+        ("input tokens", f"{summary.input_tokens:,}"),
+        ("output tokens", f"{summary.output_tokens:,}"),
+        ("cache read tokens", f"{summary.cache_read_tokens:,}"),
+        ("cache write tokens", f"{summary.cache_write_tokens:,}"),
+        ("cost (USD)", _usd(summary.cost_usd)),
+    ]
+    width = max(len(value) for _, value in rows)
+    return "\n".join(f"{name:<20}{value:>{width}}" for name, value in rows)
+
+
+class _Printer:
+    """`cases follow` as text: deltas as they come, everything else a line of its own."""
+
+    def __init__(self) -> None:
+        self._mid_line = False
+        self._call: tuple[str, int] | None = None
+
+    def _write(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if text:
+            self._mid_line = not text.endswith("\n")
+
+    def line(self, text: str) -> None:
+        self._write(("\n" if self._mid_line else "") + text + "\n")
+
+    def chunk(self, chunk: LlmStreamChunk) -> None:
+        call = (chunk.call_id, chunk.attempt)
+        if call != self._call:
+            if self._call is None or self._call[0] != chunk.call_id:
+                self.line(f"[model call {chunk.call_id}]")
+            if chunk.attempt > 1:
+                self.line(f"[attempt {chunk.attempt}]")
+            self._call = call
+        event = chunk.event
+        if isinstance(event, TextDelta):
+            self._write(event.text)
+        elif isinstance(event, ToolUse):
+            self.line(f"[tool call: {event.call.name} {event.call.arguments}]")
+        elif isinstance(event, Done):
+            self.line(f"[done: {event.finish_reason or 'unknown'}]")
+        elif isinstance(event, StreamError):
+            dropped = f"; the partial text of attempt {chunk.attempt} is dropped" if event.incomplete else ""
+            self.line(f"[stream error: {event.error_class.value}{dropped}]")
+
+    def update(self, update: CaseUpdated) -> None:
+        self.line(f"[case {update.execution_state}, {update.lifecycle_state}]")
+
+
+async def _follow(client: TianshuClient, case_key: str, *, as_json: bool) -> int:
+    """Print what `TianshuClient.follow` yields; 0 when the case finished, else 1."""
+    printer = _Printer()
+    last: CaseUpdated | None = None
+    async with contextlib.aclosing(client.follow(case_key)) as items:
+        async for item in items:
+            if as_json:
+                print(item.model_dump_json(), flush=True)
+            elif isinstance(item, LlmStreamChunk):
+                printer.chunk(item)
+            else:
+                printer.update(item)
+            if isinstance(item, CaseUpdated):
+                last = item
+    ok = last is not None and last.execution_state == "finished" and last.lifecycle_state != "stop"
+    return 0 if ok else 1
+
+
 async def _send_command(client: TianshuClient, verb: str, case_key: str, reason: str | None) -> int:
     # A command for a case that does not exist is dead-lettered silently: check first when we can.
     try:
@@ -329,21 +438,30 @@ async def _send_command(client: TianshuClient, verb: str, case_key: str, reason:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.group == "dev":
-        if args.runners < 0:
-            raise TianshuError("--runners cannot be negative")
+        if args.runners < 0 or args.gateways < 0:
+            raise TianshuError("--runners and --gateways cannot be negative")
+        if args.llm_config is not None and not args.llm_config.is_file():
+            raise TianshuError(f"--llm-config: no file {args.llm_config}")
         options = DevOptions(
             database_url=args.database_url,
             nats_url=args.nats_url,
             workflows=args.workflows,
             tools=args.tools,
             runners=args.runners,
+            gateways=args.gateways,
+            llm_config=args.llm_config,
             nats_port=args.nats_port,
             data_dir=args.data_dir,
         )
         return await run_dev(options)
     if args.group == "dlq":
         return await _run_dlq(args)
-    if args.group in ("start", "events") or args.command in _COMMANDS or getattr(args, "via_nats", False):
+    command = getattr(args, "command", None)  # `usage` has none
+    if (
+        args.group in ("start", "events")
+        or command in (*_COMMANDS, "follow")
+        or getattr(args, "via_nats", False)
+    ):
         return await _run_nats(args)
     from .stores.postgres import connect_postgres, migrate, schema_version
 
@@ -364,6 +482,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     stores = await connect_postgres(url, max_size=2)
     try:
+        if args.group == "usage":
+            summary = await stores.usage.summary(
+                case_key=args.case, session_id=args.session, workflow_code=args.workflow, since=args.since
+            )
+            print(summary.model_dump_json(indent=2) if args.json else _usage_table(summary))
+            return 0
         if args.command == "list":
             flt = CaseFilter(
                 execution_state=ExecutionState(args.state) if args.state else None,
@@ -384,7 +508,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"no case with key {args.case_key!r}", file=sys.stderr)
             return 1
         if args.command == "show":
-            print(found.model_dump_json(indent=2))
+            shown = found.model_dump(mode="json")
+            used = await stores.usage.summary(case_key=found.case_key)
+            if used.calls:
+                shown["usage"] = used.model_dump(mode="json")
+            print(json.dumps(shown, indent=2, ensure_ascii=False))
             return 0
         for entry in await stores.journal.load(args.case_key):
             data: Any = serde.loads(entry.data)

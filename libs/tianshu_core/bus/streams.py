@@ -185,6 +185,7 @@ class TianshuStreams:
     events_max_age_s: float = 7 * DAY_S
     cases_max_age_s: float = 7 * DAY_S
     dlq_max_age_s: float = 30 * DAY_S
+    llm_stream_max_age_s: float = 600.0
     duplicate_window_s: float = 120.0
     extra: tuple[StreamSpec, ...] = field(default_factory=tuple)
 
@@ -222,6 +223,30 @@ class TianshuStreams:
                 **common,
             ),
             StreamSpec(
+                name=subjects.STREAM_LLM,
+                subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_LLM],
+                retention="workqueue",
+                max_age_s=self.cases_max_age_s,
+                description="Model calls: work for the LLM gateways, removed once answered.",
+                **common,
+            ),
+            StreamSpec(
+                name=subjects.STREAM_LLM_RESULTS,
+                subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_LLM_RESULTS],
+                max_age_s=self.cases_max_age_s,
+                description="Model call results, by case, for the schedulers.",
+                **common,
+            ),
+            StreamSpec(
+                name=subjects.STREAM_LLM_STREAM,
+                subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_LLM_STREAM],
+                storage="memory",
+                max_age_s=self.llm_stream_max_age_s,
+                description="Streamed model calls' events, for followers; kept minutes, in memory.",
+                replicas=self.replicas,
+                duplicate_window_s=min(self.duplicate_window_s, self.llm_stream_max_age_s),
+            ),
+            StreamSpec(
                 name=subjects.STREAM_DLQ,
                 subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_DLQ],
                 max_age_s=self.dlq_max_age_s,
@@ -241,6 +266,9 @@ def scheduler_consumers(*, ack_wait_s: float = 30.0, max_ack_pending: int = 1000
         ConsumerSpec(subjects.STREAM_EVENTS, subjects.CONSUMER_EVENTS, subjects.EVENTS, **common),
         ConsumerSpec(
             subjects.STREAM_TOOL_RESULTS, subjects.CONSUMER_TOOL_RESULTS, subjects.TOOL_RESULTS, **common
+        ),
+        ConsumerSpec(
+            subjects.STREAM_LLM_RESULTS, subjects.CONSUMER_LLM_RESULTS, subjects.LLM_RESULTS, **common
         ),
     ]
 

@@ -9,7 +9,9 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Unpack
+
+from tianshu_contracts.gateway import UsageSummary
 
 from ..clock import Clock, SystemClock
 from ..errors import CaseInterruptedError, LeaseLostError
@@ -28,7 +30,7 @@ from ..models import (
     StateEntry,
     Timer,
 )
-from .protocols import Stores
+from .protocols import Stores, UsageFilter, UsageRow
 
 
 @dataclass(slots=True)
@@ -476,6 +478,49 @@ class InMemoryTimerStore:
             del self._db.timers[key]
 
 
+class InMemoryUsageStore:
+    """Usage rows by call id; apart from the cases, so purging a case leaves its usage."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, UsageRow] = {}
+
+    async def record(self, row: UsageRow) -> bool:
+        if row.call_id in self._rows:
+            return False
+        self._rows[row.call_id] = row
+        return True
+
+    def _matching(self, filters: UsageFilter) -> builtins.list[UsageRow]:
+        since = filters.get("since")
+        wanted = [(name, value) for name, value in filters.items() if name != "since" and value is not None]
+        return sorted(
+            (
+                r
+                for r in self._rows.values()
+                if all(getattr(r, name) == value for name, value in wanted)
+                and (since is None or r.created_at >= since)
+            ),
+            key=lambda r: (r.created_at, r.call_id),
+        )
+
+    async def summary(self, **filters: Unpack[UsageFilter]) -> UsageSummary:
+        found = self._matching(filters)
+        return UsageSummary(
+            calls=len(found),
+            attempts=sum(r.attempts for r in found),
+            input_tokens=sum(r.input_tokens for r in found),
+            output_tokens=sum(r.output_tokens for r in found),
+            cache_read_tokens=sum(r.cache_read_tokens for r in found),
+            cache_write_tokens=sum(r.cache_write_tokens for r in found),
+            cost_usd=sum(r.cost_usd or 0.0 for r in found),
+        )
+
+    async def rows(
+        self, *, case_key: str | None = None, session_id: str | None = None, limit: int = 100
+    ) -> builtins.list[UsageRow]:
+        return self._matching({"case_key": case_key, "session_id": session_id})[: max(0, limit)]
+
+
 def memory_stores(clock: Clock | None = None) -> Stores:
     """A complete in-memory backend. `clock` drives lease expiry (the store's own clock)."""
     db = _Db(clock or SystemClock())
@@ -488,4 +533,5 @@ def memory_stores(clock: Clock | None = None) -> Stores:
         waits=InMemoryWaitStore(db),
         events=InMemoryEventStore(db),
         timers=InMemoryTimerStore(db),
+        usage=InMemoryUsageStore(),
     )

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypedDict
+
+from tianshu_contracts.gateway import LlmCallResult, UsageSummary
+from tianshu_contracts.llm import LlmErrorClass, Usage
 
 from ..models import (
     Case,
@@ -211,6 +214,107 @@ class TimerStore(Protocol):
     async def delete_by_case(self, case_key: str) -> None: ...
 
 
+@dataclass(slots=True, frozen=True, kw_only=True)
+class UsageRow:
+    """What one model call cost: the tokens of all its upstream attempts (failed ones included)
+    and the gateway's cost estimate. `provider` and `model` are who answered (None when nobody
+    did, and then `error_class` says why); `latency_s` is the whole call as the gateway timed it,
+    `first_token_s` the time to its first delta (streamed calls only)."""
+
+    call_id: str
+    case_key: str
+    session_id: str | None = None
+    workflow_code: str | None = None
+    route: str
+    provider: str | None = None
+    model: str | None = None
+    attempts: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: float | None = None
+    latency_s: float = 0.0
+    first_token_s: float | None = None
+    error_class: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @classmethod
+    def from_result(
+        cls, result: LlmCallResult, *, session_id: str | None = None, workflow_code: str | None = None
+    ) -> UsageRow:
+        """The row of a gateway's answer, created now: tokens summed over `result.attempts` (the
+        response's own usage when the gateway listed no attempt); input tokens are prompt tokens,
+        cached ones included (see `Usage`)."""
+        response = result.response
+        attempts = result.attempts or (response.attempts if response is not None else [])
+        used = sum((a.usage for a in attempts), Usage())
+        if not attempts and response is not None:
+            used = response.usage
+        who = (response.provider, response.model) if response is not None else (None, None)
+        failed = None if response is not None else (result.error_class or LlmErrorClass.UNAVAILABLE).value
+        return cls(
+            call_id=result.call_id,
+            case_key=result.case_key,
+            session_id=session_id,
+            workflow_code=workflow_code,
+            route=result.route,
+            provider=who[0],
+            model=who[1],
+            attempts=len(attempts) or int(response is not None),
+            input_tokens=used.prompt_tokens,
+            output_tokens=used.completion_tokens,
+            error_class=failed,
+            cache_read_tokens=used.cache_read_tokens,
+            cache_write_tokens=used.cache_write_tokens,
+            cost_usd=result.cost_usd,
+            first_token_s=result.first_token_s,
+            latency_s=result.duration_s,
+        )
+
+
+class UsageFilter(TypedDict, total=False):
+    """The filters of `UsageStore.summary`; one left out or None matches every row."""
+
+    case_key: str | None
+    session_id: str | None
+    workflow_code: str | None
+    since: datetime | None
+
+
+class UsageStore(Protocol):
+    """One row per model call (see `UsageRow`), kept when the case is purged: what was spent
+    stays spent. The scheduler records each `LlmCallResult` it consumes."""
+
+    async def record(self, row: UsageRow) -> bool:
+        """Store the row unless one with its `call_id` exists (then nothing changes); True when stored."""
+        ...
+
+    async def summary(
+        self,
+        *,
+        case_key: str | None = None,
+        session_id: str | None = None,
+        workflow_code: str | None = None,
+        since: datetime | None = None,
+    ) -> UsageSummary:
+        """Sums over the rows matching every filter given (`since`: created at or after it);
+        a row without a cost estimate counts as 0 USD."""
+        ...
+
+    async def rows(
+        self, *, case_key: str | None = None, session_id: str | None = None, limit: int = 100
+    ) -> list[UsageRow]:
+        """The matching rows, oldest first (by `created_at`, then `call_id`), at most `limit`."""
+        ...
+
+
+def _memory_usage() -> UsageStore:
+    from .memory import InMemoryUsageStore
+
+    return InMemoryUsageStore()
+
+
 @dataclass(slots=True)
 class Stores:
     """One backend: the set of stores the engine runs on."""
@@ -223,6 +327,8 @@ class Stores:
     waits: WaitStore
     events: EventStore
     timers: TimerStore
+    usage: UsageStore = field(default_factory=_memory_usage)
+    """Model call usage; a backend that has none gets an in-memory one (lost with the process)."""
 
     async def close(self) -> None:
         """Release the backend's resources (pools, flushers); idempotent."""

@@ -137,6 +137,9 @@ class ToolLoop:
                 "and set the provider's policy instead"
             )
         self._takes_invocation = takes_invocation(llm)
+        # A provider that sends calls elsewhere (and may re-send them): its answers can arrive as
+        # events, also for a call an earlier run sent.
+        self._remote = hasattr(llm, "max_attempts")
         full = ctx._stage_prefix + name
         generation = ctx._generation[full]
         # Records of a cleared loop must not be replayed by its next run: give them new names.
@@ -173,24 +176,32 @@ class ToolLoop:
             "gen_ai.request.model": request.model,
         }
 
-        invocation = LlmInvocation.of(self.ctx.case.case_key, record)
+        case_key = self.ctx.case.case_key
 
-        def complete() -> Awaitable[LlmResponse]:
+        def complete(invocation: LlmInvocation) -> Awaitable[LlmResponse]:
             if self._takes_invocation:
                 return self.llm.complete(request, invocation=invocation)
             return self.llm.complete(request)  # a provider written before invocations existed
 
         async def ask() -> LlmResponse:
-            waited = await self._awaited_reply(invocation)
-            if waited is not None:
-                return waited
+            parked = await self._parked_attempt(record)
+            if isinstance(parked, LlmResponse):
+                return parked
+            attempt = parked
+            invocation = LlmInvocation.of(case_key, record, attempt)
+            if attempt == 1 and self._remote:
+                # An earlier run may have sent the call and died before parking: an answer that
+                # came meanwhile is an event on the call id; take it, do not ask again.
+                earlier = await self._recorded_reply(invocation)
+                if earlier is not None:
+                    return earlier
             try:
                 policy = self.config.llm_retry
                 if policy is None:
-                    return await complete()
-                return await policy.call(f"model call {record!r}", complete)
+                    return await complete(invocation)
+                return await policy.call(f"model call {record!r}", lambda: complete(invocation))
             except LlmCallPending as pending:
-                wake_at = await self.ctx._deadline(f"{record}:wait", pending.wait_s)
+                wake_at = await self.ctx._deadline(_llm_wait(record, attempt), pending.wait_s)
                 raise _Pending(_llm_predicate(invocation), wake_at) from None
 
         try:
@@ -200,26 +211,52 @@ class ToolLoop:
         except _Pending as pending:
             raise Suspend([pending.predicate], pending.wake_at) from None
 
-    async def _awaited_reply(self, invocation: LlmInvocation) -> LlmResponse | None:
-        """For a model call sent to a remote provider and awaited as an event: its answer, an
-        `LlmError` past its deadline, or `_Pending` while it may still come. None for a call
-        never parked."""
+    async def _parked_attempt(self, record: str) -> LlmResponse | int:
+        """The attempt to make of a model call, or its answer. A call parked earlier (a timer per
+        attempt) returns its answer if one arrived, stays parked (`_Pending`) before
+        its deadline, and is sent again as the next attempt after it, up to the provider's
+        `max_attempts`; past the last, `LlmError` (`unavailable`)."""
         ctx = self.ctx
-        wait = f"{invocation.record}:wait"
-        timer = ctx._journal.records.get((wait, ctx._generation[wait]))
+        attempt, timer = 0, None
+        while True:
+            name = _llm_wait(record, attempt + 1)
+            found = ctx._journal.records.get((name, ctx._generation[name]))
+            if found is None:
+                break
+            attempt, timer = attempt + 1, found
         if timer is None:
-            return None
+            return 1
+        invocation = LlmInvocation.of(ctx.case.case_key, record, attempt)
+        recorded = await self._recorded_reply(invocation)
+        if recorded is not None:
+            return recorded
+        wake_at = datetime.fromisoformat(_decode(timer)["fire_at"])
+        if ctx._run.clock.now() < wake_at:
+            raise _Pending(_llm_predicate(invocation), wake_at)
+        limit = int(getattr(self.llm, "max_attempts", 1))
+        if attempt >= limit:
+            raise LlmError(
+                f"no answer arrived before the deadline ({attempt} attempt{'s' if attempt > 1 else ''})",
+                error_class=LlmErrorClass.UNAVAILABLE,
+            )
+        log.warning(
+            "case %s: model call %s unanswered past its deadline; sending attempt %d of %d",
+            ctx.case.case_key,
+            record,
+            attempt + 1,
+            limit,
+        )
+        return attempt + 1
+
+    async def _recorded_reply(self, invocation: LlmInvocation) -> LlmResponse | None:
+        """The answer published for this call (any attempt), if one arrived."""
+        ctx = self.ctx
         event = await _guard(
             ctx._run.stores.events.next_after(
                 LLM_RESULT_RESOURCE, invocation.call_id, after_seq=0, not_before=ctx.case.created_at
             )
         )
-        if event is not None:
-            return _llm_answer(event.payload)
-        wake_at = datetime.fromisoformat(_decode(timer)["fire_at"])
-        if ctx._run.clock.now() >= wake_at:
-            raise LlmError("no answer arrived before the deadline", error_class=LlmErrorClass.UNAVAILABLE)
-        raise _Pending(_llm_predicate(invocation), wake_at)
+        return None if event is None else _llm_answer(event.payload)
 
     # -- one round ----------------------------------------------------------------------------
 
@@ -327,6 +364,11 @@ class ToolLoop:
         if ctx._run.clock.now() >= wake_at:
             return error_result(call, f"tool {call.name}: no result arrived before the deadline")
         raise _Pending(_predicate(invocation), wake_at)
+
+
+def _llm_wait(record: str, attempt: int) -> str:
+    """The timer of a parked model call's attempt: `<record>:wait`, then `<record>:wait2`, ..."""
+    return f"{record}:wait" if attempt == 1 else f"{record}:wait{attempt}"
 
 
 def _llm_predicate(invocation: LlmInvocation) -> PollPredicate:

@@ -43,6 +43,7 @@ from tianshu_contracts import (
     WireError,
     subjects,
 )
+from tianshu_contracts.gateway import LLM_CALL_RESULT_ADAPTER, LlmCallResult
 from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER, ToolCallResult
 from tianshu_core import (
     Case,
@@ -73,9 +74,12 @@ from tianshu_core.bus import (
     scheduler_consumers,
     wire_error,
 )
+from tianshu_core.bus.llm import NatsLlmClient
 from tianshu_core.bus.shutdown import Stoppable
 from tianshu_core.bus.tools import NatsToolExecutor
 from tianshu_core.errors import StepResultNotSerializableError
+from tianshu_core.llm import LLM_RESULT_RESOURCE
+from tianshu_core.stores.protocols import UsageRow
 from tianshu_core.telemetry import trace_id_of
 from tianshu_core.tools import TOOL_RESULT_RESOURCE
 
@@ -110,6 +114,7 @@ class Scheduler:
         self._chores: set[asyncio.Task[None]] = set()
         self.runs_done = 0
         self.tools: NatsToolExecutor
+        self.llm: NatsLlmClient
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class Scheduler:
                 subjects.CONSUMER_COMMANDS,
                 subjects.CONSUMER_EVENTS,
                 subjects.CONSUMER_TOOL_RESULTS,
+                subjects.CONSUMER_LLM_RESULTS,
             )
         }
         # ctx.tool_step's registries run on the tool runners, over NATS.
@@ -160,6 +166,18 @@ class Scheduler:
         )
         await self.tools.start()
         engine.tool_executor = self.tools
+        # ctx.llm: model calls go to the LLM gateways, over NATS.
+        self.llm = NatsLlmClient(
+            nc,
+            js,
+            hot_window_s=s.scheduler_llm_hot_window_s,
+            timeout_s=s.scheduler_llm_timeout_s,
+            grace_s=s.scheduler_llm_grace_s,
+            max_attempts=s.scheduler_llm_max_attempts,
+            stream=s.scheduler_llm_stream,
+        )
+        await self.llm.start()
+        engine.llm = self.llm
         workers: list[Worker[Any]] = [
             Worker(
                 nc,
@@ -192,6 +210,15 @@ class Scheduler:
                 self._handle_tool_result,
                 options=options,
                 name="tool-results",
+            ),
+            Worker(
+                nc,
+                subs[subjects.CONSUMER_LLM_RESULTS],
+                LLM_CALL_RESULT_ADAPTER,
+                self._handle_llm_result,
+                # A result carries a whole model reply: NATS' limit, not the event limit, bounds it.
+                options=replace(options, max_payload_bytes=max(s.max_event_payload_bytes, nc.max_payload)),
+                name="llm-results",
             ),
         ]
         responders: list[Responder[Any]] = [
@@ -247,6 +274,9 @@ class Scheduler:
                     await task
         if self._chores:  # leases being handed back: let them reach the database first
             await asyncio.wait(set(self._chores), timeout=5.0)
+        for client in (getattr(self, "llm", None), getattr(self, "tools", None)):
+            if client is not None:
+                await client.stop()
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -498,6 +528,48 @@ class Scheduler:
             raise _unstorable(exc, case_key=result.case_key) from exc
         self._run_woken(published)
 
+    async def _handle_llm_result(self, result: LlmCallResult, delivery: Delivery) -> None:
+        """Record a model call's answer durably, keyed by its call id: an event on the call, which
+        wakes a case parked on it (the slow path); a run awaiting it here gets it at once (the fast
+        path). Its usage row is written once per call id. Refused at once: a result on another
+        case's subject, or for a case that does not exist."""
+        engine = self.engine
+        assert engine is not None
+        if delivery.subject != _llm_result_subject(result.case_key):
+            raise RejectMessage.because(
+                DeadLetterReason.KEY_MISMATCH,
+                f"a result for case {result.case_key!r} sent on {delivery.subject!r}",
+                case_key=result.case_key,
+            )
+        self.llm.resolve(result)
+        case = await engine.stores.cases.get_by_key(result.case_key)
+        if case is None:
+            raise RejectMessage.because(
+                DeadLetterReason.UNKNOWN_CASE,
+                f"a result for case {result.case_key!r}, which does not exist",
+                case_key=result.case_key,
+            )
+        if result.response is not None:
+            payload: JsonValue = result.response.model_dump(mode="json")
+        else:
+            assert result.error is not None
+            code = result.error_class.value if result.error_class else result.error.code
+            payload = {"error": result.error.model_copy(update={"code": code}).model_dump(mode="json")}
+        try:
+            published = await engine.publish_event(
+                LLM_RESULT_RESOURCE, result.call_id, payload, event_id=result.call_id, take=self._free_runs()
+            )
+            await engine.stores.usage.record(
+                UsageRow.from_result(result, session_id=case.session_id, workflow_code=case.workflow_code)
+            )
+        except TianshuError as exc:
+            if exc.retryable:
+                raise
+            raise RejectMessage(exc, case_key=result.case_key) from exc
+        except (asyncpg.DataError, TypeError) as exc:  # see _unstorable
+            raise _unstorable(exc, case_key=result.case_key) from exc
+        self._run_woken(published)
+
     async def _handle_command(self, msg: CaseCommandMsg, delivery: Delivery) -> None:
         engine = self.engine
         assert engine is not None
@@ -584,6 +656,14 @@ def _unstorable(exc: Exception, *, case_key: str | None = None) -> RejectMessage
         reason=DeadLetterReason.UNSTORABLE,
         case_key=case_key,
     )
+
+
+def _llm_result_subject(case_key: str) -> str | None:
+    """Where the answers to `case_key`'s model calls belong; None for a key no subject can carry."""
+    try:
+        return subjects.llm_result(case_key)
+    except ValueError:
+        return None
 
 
 def _result_subject(case_key: str) -> str | None:

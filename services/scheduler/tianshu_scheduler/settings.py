@@ -61,6 +61,35 @@ class SchedulerSettings(Settings):
         description="How long a case keeps its coroutine waiting for a tool result before it parks "
         "as an ordinary wait (the result still wakes it).",
     )
+    scheduler_llm_hot_window_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="How long a case keeps its coroutine waiting for a model's answer through the LLM "
+        "gateway before it parks as an ordinary wait (model calls are slow: parking and replaying "
+        "every round would cost more than it saves).",
+    )
+    scheduler_llm_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a gateway may take to answer one model call (retries and fallback "
+        "included); with the hot window and the grace, the call's deadline.",
+    )
+    scheduler_llm_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Added to a model call's deadline for a redelivery to another gateway.",
+    )
+    scheduler_llm_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="How often a model call is sent when its deadline passes with no answer (a gateway "
+        "outage); after the last, the workflow gets LlmError with class `unavailable`.",
+    )
+    scheduler_llm_stream: bool = Field(
+        default=True,
+        description="Ask the gateways to publish every model call's events for followers "
+        "(`tianshu cases follow`).",
+    )
     scheduler_tool_grace_s: float = Field(
         default=30.0,
         ge=0,

@@ -17,6 +17,7 @@ from .events import PostgresEventStore
 from .journal import PostgresJournalStore
 from .migrate import latest_version, migrate, schema_version
 from .state import PostgresSessionStore, PostgresStateStore
+from .usage import PostgresUsageStore
 from .waits import PostgresTimerStore, PostgresWaitStore
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "PostgresSessionStore",
     "PostgresStateStore",
     "PostgresTimerStore",
+    "PostgresUsageStore",
     "PostgresWaitStore",
     "RetryConfig",
     "connect_postgres",
@@ -85,4 +87,5 @@ async def connect_postgres(
         waits=PostgresWaitStore(db),
         events=PostgresEventStore(db),
         timers=PostgresTimerStore(db),
+        usage=PostgresUsageStore(db),
     )
