@@ -271,28 +271,35 @@ class TestServing:
         assert result.response is not None
         assert result.response.tool_calls == uses and result.response.content == "calling tools"
 
-    async def test_a_stream_cut_after_its_first_deltas_ends_in_an_incomplete_error(
+    async def test_a_stream_cut_after_its_first_deltas_is_asked_again_as_the_next_attempt(
         self, js: JetStreamContext, results: LlmResults, upstream: ModelServer
     ) -> None:
-        """Deltas went out: the resilient provider does not fall back (the follower saw part of an
-        answer); the stream ends in an incomplete StreamError and the result is the error."""
+        """Deltas went out, then the upstream cut: the follower sees the StreamError (incomplete,
+        attempt 1), then the next attempt's deltas (attempt 2), then Done; the result is the
+        answer of the second stream (the cut model cools down, so the backup gives it)."""
         backups = asked(upstream, "backup")
         call = new_call("cut", stream=True)
         async with Chunks(js, call) as chunks:
             await send_call(js, call)
             result = await results.wait(call)
-            got = await chunks.wait_end()
+            await chunks.until(
+                lambda: any(isinstance(c.event, Done) for c in chunks.all()), within=30, what="the Done"
+            )
+            got = chunks.all()
 
-        events = [c.event for c in got]
-        assert [c.seq for c in got] == list(range(1, len(got) + 1))
-        assert isinstance(events[0], TextDelta)
-        assert all(isinstance(e, TextDelta) for e in events[:-1])
-        end = events[-1]
+        first = [c for c in got if c.attempt == call.attempt]
+        second = [c for c in got if c.attempt == call.attempt + 1]
+        assert len(first) + len(second) == len(got)
+        assert [c.seq for c in first] == list(range(1, len(first) + 1))
+        assert [c.seq for c in second] == list(range(1, len(second) + 1))
+        assert all(isinstance(c.event, TextDelta) for c in first[:-1]) and first
+        end = first[-1].event
         assert isinstance(end, StreamError) and end.incomplete and end.error_class is LlmErrorClass.TRANSIENT
-        assert result.response is None and result.error is not None
-        assert result.error_class is LlmErrorClass.TRANSIENT and result.error.code == "transient"
-        assert trail(result) == [("openai", "cut:2", "transient")]
-        assert asked(upstream, "backup") == backups
+        assert isinstance(second[0].event, TextDelta) and isinstance(second[-1].event, Done)
+        text = "".join(c.event.text for c in second if isinstance(c.event, TextDelta))
+        assert result.response is not None and result.response.content == text == "from the backup"
+        assert trail(result) == [("openai", "cut:2", "transient"), ("openai", MODELS["backup"][1], None)]
+        assert asked(upstream, "backup") == backups + 1
 
     async def test_a_reply_cut_before_it_began_falls_back(
         self, js: JetStreamContext, results: LlmResults

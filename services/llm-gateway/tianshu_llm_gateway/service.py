@@ -320,37 +320,58 @@ class LlmGateway:
     async def _stream(
         self, request: LlmCallRequest, route: Route, invocation: LlmInvocation, started: float
     ) -> tuple[LlmResponse | LlmError, float | None]:
-        """Stream the reply: each event published as it comes, the reply assembled from them."""
+        """Stream the reply: each event published as it comes, the reply assembled from them.
+
+        A stream that fails after its first delta (`StreamError`, `incomplete`) for a reason worth
+        another try is asked again as a new attempt: its chunks carry the next attempt number, so
+        a follower drops the partial text of the one that failed. At most the route's
+        `max_attempts` streams are asked for."""
         assert self._js is not None
-        chunks = _Chunks(self._js, request, self.settings.llm_gateway_coalesce_ms / 1000)
-        text: list[str] = []
-        calls: list[ToolCall] = []
         first_token_s: float | None = None
-        end: Done | StreamError | None = None
-        # Read to its end: the resilient provider settles the attempt after the terminal event.
-        events = route.llm.stream(request.request, invocation=invocation)
-        try:
-            async for event in events:
-                if isinstance(event, TextDelta | ToolUse) and first_token_s is None:
-                    first_token_s = time.monotonic() - started
-                await chunks.send(event)
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                elif isinstance(event, ToolUse):
-                    calls.append(event.call)
-                elif isinstance(event, Done | StreamError):
-                    end = event
-        finally:
-            await chunks.close()
-            close = getattr(events, "aclose", None)
-            if close is not None:
-                await close()
-        if isinstance(end, StreamError):
-            return LlmError.from_stream_error(end), first_token_s
-        if end is None:
-            raise LlmError("the stream ended without a terminal event", error_class=LlmErrorClass.TRANSIENT)
-        reply = LlmResponse(content="".join(text), tool_calls=calls, finish_reason=end.finish_reason)
-        return reply, first_token_s
+        policy = getattr(route.llm, "policy", None)
+        tries = int(getattr(policy, "max_attempts", 1))
+        for k in range(tries):
+            attempt = request.model_copy(update={"attempt": request.attempt + k})
+            chunks = _Chunks(self._js, attempt, self.settings.llm_gateway_coalesce_ms / 1000)
+            text: list[str] = []
+            calls: list[ToolCall] = []
+            end: Done | StreamError | None = None
+            # Read to its end: the resilient provider settles the attempt after the terminal event.
+            events = route.llm.stream(request.request, invocation=invocation)
+            try:
+                async for event in events:
+                    if isinstance(event, TextDelta | ToolUse) and first_token_s is None:
+                        first_token_s = time.monotonic() - started
+                    await chunks.send(event)
+                    if isinstance(event, TextDelta):
+                        text.append(event.text)
+                    elif isinstance(event, ToolUse):
+                        calls.append(event.call)
+                    elif isinstance(event, Done | StreamError):
+                        end = event
+            finally:
+                await chunks.close()
+                close = getattr(events, "aclose", None)
+                if close is not None:
+                    await close()
+            if isinstance(end, StreamError):
+                again = end.incomplete and end.error_class in _STREAM_AGAIN and k + 1 < tries
+                if again:
+                    log.warning(
+                        "call %s: the stream failed after its first delta (%s); asking again as attempt %d",
+                        request.call_id,
+                        end.error_class.value,
+                        attempt.attempt + 1,
+                    )
+                    continue
+                return LlmError.from_stream_error(end), first_token_s
+            if end is None:
+                raise LlmError(
+                    "the stream ended without a terminal event", error_class=LlmErrorClass.TRANSIENT
+                )
+            reply = LlmResponse(content="".join(text), tool_calls=calls, finish_reason=end.finish_reason)
+            return reply, first_token_s
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _result(
         self,
@@ -546,6 +567,10 @@ class _Chunks:
         except Exception as exc:
             self._broken = True
             log.warning("call %s: its stream events are not published any more: %r", chunk.call_id, exc)
+
+
+# A stream cut after its first delta is asked again (as a new attempt) for these classes.
+_STREAM_AGAIN = frozenset({LlmErrorClass.TRANSIENT, LlmErrorClass.OVERLOADED})
 
 
 def _quiet_sdk_logs() -> None:
