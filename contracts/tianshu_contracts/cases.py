@@ -8,6 +8,7 @@ from pydantic import AwareDatetime, Field, JsonValue, TypeAdapter
 
 from ._base import CaseKey, Message, Name, WireModel
 from .errors import WireError
+from .gateway import UsageSummary
 
 ExecutionState = Literal["running", "waiting", "finished", "failed"]
 """Where a case is in its run (the values of `tianshu_core.ExecutionState`)."""
@@ -108,6 +109,11 @@ class CaseSummary(WireModel):
         default=None,
         description="The trace every run of the case is a span in (32 hex digits; look it up in "
         "Jaeger); null when tracing was off when the case started.",
+    )
+    usage: UsageSummary | None = Field(
+        default=None,
+        description="Tokens and estimated cost of the case's model calls (every attempt counted); "
+        "null when it made none.",
     )
 
 

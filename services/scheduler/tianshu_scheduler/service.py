@@ -446,7 +446,11 @@ class Scheduler:
         case = await engine.stores.cases.get_by_key(msg.case_key)
         if case is None:
             return CaseNotFound(case_key=msg.case_key)
-        return CaseFound(case=summary(case))
+        usage = await engine.stores.usage.summary(case_key=case.case_key)
+        found = summary(case)
+        if usage.calls:
+            found = found.model_copy(update={"usage": usage})
+        return CaseFound(case=found)
 
     async def _handle_event(self, payload: JsonValue, delivery: Delivery) -> None:
         engine = self.engine
