@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.msg import Msg
 
 from tests._nats import NatsServerFactory
 from tests._services import SchedulerProcess, fresh_database, new_key
+from tianshu_contracts import CASE_UPDATED_ADAPTER, CaseUpdated, subjects
 from tianshu_core.client import TianshuClient
 from tianshu_core.stores.postgres import connect_postgres
 from tianshu_core.stores.protocols import UsageRow
@@ -57,3 +61,30 @@ async def test_get_case_shows_the_tokens_and_cost_of_its_model_calls(
             assert shown.usage.cost_usd == pytest.approx(0.01)
             none = await client.get_case(quiet.case_key)
             assert none is not None and none.usage is None
+
+
+async def test_an_update_says_what_a_waiting_case_waits_on(
+    tmp_path: Path, db_url: str, make_nats_server: NatsServerFactory
+) -> None:
+
+    server = make_nats_server()
+    key = new_key("waits")
+    seen: list[CaseUpdated] = []
+    nc = await nats.connect(server.url)
+    try:
+
+        async def keep(msg: Msg) -> None:
+            seen.append(CASE_UPDATED_ADAPTER.validate_json(msg.data))
+
+        await nc.subscribe(subjects.case_updated(key), cb=keep)
+        with SchedulerProcess(tmp_path, db_url, server.url):
+            async with TianshuClient.connect(server.url) as client:
+                await client.start_case("e2e_wait", {}, case_key=key)
+                for _ in range(200):
+                    if any(u.execution_state == "waiting" for u in seen):
+                        break
+                    await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+    waiting = [u for u in seen if u.execution_state == "waiting"]
+    assert waiting and waiting[-1].waiting_on == ["order"]

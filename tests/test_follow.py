@@ -109,12 +109,20 @@ class Call:
         self.seq = 0
 
 
-async def update(client: TianshuClient, key: str, state: str = "finished", lifecycle: str = "normal") -> None:
-    """Publish the case's `updated` notification as the scheduler does."""
+async def update(
+    client: TianshuClient,
+    key: str,
+    state: str = "finished",
+    lifecycle: str = "normal",
+    waiting_on: tuple[str, ...] = ("tianshu_llm_result",),
+) -> None:
+    """Publish the case's `updated` notification as the scheduler does (a waiting case waits, by
+    default, on a model's answer)."""
     now = datetime.now(UTC)
     message = CaseUpdated.model_validate(
         {"case_key": key, "session_id": "s", "workflow_code": "wf", "updated_at": now}
         | {"execution_state": state, "lifecycle_state": lifecycle}
+        | ({"waiting_on": list(waiting_on)} if state == "waiting" else {})
     )
     await bus.publish_core(client.nc, subjects.case_updated(key), message)
     await client.nc.flush()
@@ -236,6 +244,20 @@ async def test_it_stops_when_the_case_ends_and_not_before(client: TianshuClient)
     await call.send("b", DONE)
     await update(client, call.case_key, "running", "stop")  # cancelled
     assert await follower.ended() == ["1:a", "[waiting]", "[running]", "1:b", "1:done", "[running/stop]"]
+
+
+@pytest.mark.parametrize("waiting_on", [("review_decision",), ("tianshu-children",), ()])
+async def test_it_stops_when_the_case_waits_on_something_other_than_a_model_or_a_tool(
+    client: TianshuClient, waiting_on: tuple[str, ...]
+) -> None:
+    call = Call(client, unique("case"))
+    follower = await start(client, call, "a")
+    await update(client, call.case_key, "waiting", waiting_on=("tianshu-tool-result",))  # a tool runs
+    await follower.until(2)
+    assert not follower.task.done()
+    await call.send("b", DONE)
+    await update(client, call.case_key, "waiting", waiting_on=waiting_on)  # an event, a child, a timer
+    assert await follower.ended() == ["1:a", "[waiting]", "1:b", "1:done", "[waiting]"]
 
 
 async def test_an_end_seen_while_catching_up_comes_after_the_whole_backlog(client: TianshuClient) -> None:

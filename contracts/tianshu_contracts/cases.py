@@ -145,6 +145,11 @@ class CaseUpdated(Message):
     execution_state: ExecutionState
     lifecycle_state: LifecycleState
     updated_at: AwareDatetime
+    waiting_on: list[str] = Field(
+        default_factory=list,
+        description="While the case waits: the resource types of what it waits for (a model's answer "
+        "is `tianshu_llm_result`, a tool's result `tianshu-tool-result`); empty for a timer alone.",
+    )
 
 
 class CaseFinished(Message):

@@ -52,7 +52,9 @@ from tianshu_contracts import (
 from . import serde
 from .bus import NatsSettings, connect, publish, redact, request
 from .errors import TianshuError
+from .llm import LLM_RESULT_RESOURCE
 from .tokens import require_plain
+from .tools import TOOL_RESULT_RESOURCE
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +318,8 @@ class TianshuClient:
         call from its first delta. Each call's chunks come in order; a chunk of attempt N + 1
         after an incomplete `StreamError` means the partial text of attempt N is void.
 
-        With `until_done` it ends once the case has finished, failed or been stopped, after the
+        With `until_done` it ends once the case has finished, failed or been stopped, or waits on
+        something other than a model or tool call (an event, a child, a timer), after the
         stream events stored before that, with that `CaseUpdated` last; a case that had already
         ended when the follow began (read from a scheduler, if one answers) ends it too.
         Without `until_done` it ends only when the caller stops iterating (close it, e.g. with
@@ -371,7 +374,7 @@ class TianshuClient:
                     if item is None:  # quiet for a while: an update may have been lost, read it
                         check()
                         continue
-                    if until_done and isinstance(item, CaseUpdated) and _is_over(item):
+                    if until_done and isinstance(item, CaseUpdated) and (_is_over(item) or _idle(item)):
                         async for chunk in follower.drain():
                             yield chunk
                         yield item
@@ -570,6 +573,18 @@ class _Follower:
 
 def _is_over(case: CaseSummary | CaseUpdated) -> bool:
     return case.execution_state in ("finished", "failed") or case.lifecycle_state == "stop"
+
+
+# What a case waits for while a model or a tool answers it: a follower goes on through those waits.
+_CALLS = frozenset({LLM_RESULT_RESOURCE, TOOL_RESULT_RESOURCE})
+
+
+def _idle(update: CaseUpdated) -> bool:
+    """The case waits on something other than a model or tool call (an outside event, a child, a
+    timer): nothing more will stream until that comes."""
+    return update.execution_state == "waiting" and not (
+        update.waiting_on and set(update.waiting_on) <= _CALLS
+    )
 
 
 def _finished_from(case: CaseSummary) -> CaseFinished:

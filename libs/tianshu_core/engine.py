@@ -15,6 +15,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -85,6 +86,14 @@ class EngineConfig:
 
 
 CaseListener = Callable[[Case], Awaitable[None]]
+_waiting_on: ContextVar[tuple[str, ...]] = ContextVar("tianshu_waiting_on", default=())
+
+
+def waiting_on() -> tuple[str, ...]:
+    """Inside a case listener: the resource types the case now waits on (empty unless it waits)."""
+    return _waiting_on.get()
+
+
 WakeListener = Callable[[Sequence[str]], None]
 
 
@@ -442,7 +451,12 @@ class Engine:
             for wake_listener in self._wake_listeners:
                 wake_listener(ctx.spawned)  # new children are runnable: start them now
         if self._listeners:
-            await self._notify(case)
+            waits = [p.resource_type for p in result.predicates] if isinstance(result, Waiting) else []
+            token = _waiting_on.set(tuple(dict.fromkeys(waits)))
+            try:
+                await self._notify(case)
+            finally:
+                _waiting_on.reset(token)
         if isinstance(result, Waiting):
             await self._recheck_waiting(ctx, result)
         elif case.is_terminal and case.parent_key:

@@ -77,6 +77,7 @@ from tianshu_core.bus import (
 from tianshu_core.bus.llm import NatsLlmClient
 from tianshu_core.bus.shutdown import Stoppable
 from tianshu_core.bus.tools import NatsToolExecutor
+from tianshu_core.engine import waiting_on
 from tianshu_core.errors import StepResultNotSerializableError
 from tianshu_core.llm import LLM_RESULT_RESOURCE
 from tianshu_core.stores.protocols import UsageRow
@@ -620,6 +621,7 @@ class Scheduler:
                 execution_state=case.execution_state.value,
                 lifecycle_state=case.lifecycle_state.value,
                 updated_at=case.updated_at,
+                waiting_on=list(waiting_on()),
             ),
         )
         if case.is_terminal or case.lifecycle_state.value == "stop":
