@@ -148,12 +148,16 @@ async def test_a_timeout_is_retried(server: ModelServer) -> None:
 
 
 async def test_a_refused_key_moves_to_the_next_at_once(
-    server: ModelServer, caplog: pytest.LogCaptureFixture
+    server: ModelServer, caplog: pytest.LogCaptureFixture, spans: InMemorySpanExporter
 ) -> None:
     caplog.set_level(logging.WARNING)
     provider = openai(server, "text,deny=sk-first", api_keys=["sk-first", "sk-second"])
     reply = await ResilientLlmProvider([provider], FAST).complete(REQUEST)
     assert reply.content == "echo: hello there" and trail(reply) == [("openai", None)]
+    # The rotation is a span event naming the key by position, never the key.
+    (span,) = spans.get_finished_spans()
+    (event,) = [e for e in span.events if e.name == "api key refused"]
+    assert event.attributes == {"tianshu.llm.key_index": 1, "tianshu.llm.keys": 2}
     assert [r.status for r in server.stats.requests] == [401, 200]
     assert not any("next in" in r.getMessage() for r in caplog.records)  # no backoff
     # The next call starts with the key that answered.

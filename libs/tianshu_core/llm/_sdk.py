@@ -226,7 +226,7 @@ class SdkProvider(ABC, Generic[Client]):
                         err = self.error(exc)
                         if err.error_class is LlmErrorClass.CREDENTIALS and refused + 1 < len(self._keys):
                             refused += 1
-                            self._next_key(index)
+                            self._next_key(index, span)
                             continue
                         if err.error_class is LlmErrorClass.CREDENTIALS:
                             err = self._all_refused(err)
@@ -269,7 +269,7 @@ class SdkProvider(ABC, Generic[Client]):
                         if not delivered and err.error_class is LlmErrorClass.CREDENTIALS:
                             if refused + 1 < len(self._keys):
                                 refused += 1
-                                self._next_key(index)
+                                self._next_key(index, span)
                                 continue
                             err = self._all_refused(err)
                         _record_error(span, err)
@@ -286,11 +286,15 @@ class SdkProvider(ABC, Generic[Client]):
         async with self._limit:
             yield
 
-    def _next_key(self, refused: int) -> None:
+    def _next_key(self, refused: int, span: trace.Span) -> None:
         if self._current == refused:
             self._current = (refused + 1) % len(self._keys)
         log.warning(
             "provider %s: API key %d of %d refused; trying the next", self.name, refused + 1, len(self._keys)
+        )
+        # Which key, by position: never the key itself.
+        span.add_event(
+            "api key refused", {"tianshu.llm.key_index": refused + 1, "tianshu.llm.keys": len(self._keys)}
         )
 
     def _all_refused(self, last: LlmError) -> LlmError:
