@@ -175,7 +175,18 @@ class ResilientLlmProvider:
     async def complete(self, request: LlmRequest, *, invocation: LlmInvocation | None = None) -> LlmResponse:
         """The first answer the chain gives; the last `LlmError` (with every attempt) if none does."""
         call = _Call(request)
-        retrying = self._retrying(call)
+        # The first attempt outside tenacity: almost every call answers at once, and the hot path
+        # should not pay for a retry controller it does not use.
+        try:
+            return await self._attempt(call, invocation)
+        except _Again as again:
+            if self.policy.max_attempts < 2:
+                raise self._final(call, again.error) from None
+            first_wait = call.wait_s
+        if first_wait > 0:
+            _log_wait(call, 1)
+            await asyncio.sleep(first_wait)
+        retrying = self._retrying(call, stop_after=self.policy.max_attempts - 1)
         try:
             async for attempt in retrying:
                 with attempt:
@@ -253,21 +264,15 @@ class ResilientLlmProvider:
 
     # -- the loop's decisions -----------------------------------------------------------------
 
-    def _retrying(self, call: _Call) -> AsyncRetrying:
+    def _retrying(self, call: _Call, *, stop_after: int | None = None) -> AsyncRetrying:
         def wait(_state: RetryCallState) -> float:
             return call.wait_s
 
         def before_sleep(state: RetryCallState) -> None:
-            if call.last is not None and call.wait_s > 0:
-                log.warning(
-                    "model call: attempt %d failed (%s); next in %.2f s",
-                    state.attempt_number,
-                    call.last,
-                    call.wait_s,
-                )
+            _log_wait(call, state.attempt_number + 1)
 
         return AsyncRetrying(
-            stop=stop_after_attempt(self.policy.max_attempts),
+            stop=stop_after_attempt(stop_after or self.policy.max_attempts),
             wait=wait,
             retry=retry_if_exception_type(_Again),
             before_sleep=before_sleep,
@@ -379,6 +384,11 @@ async def _closing(events: AsyncIterator[LlmStreamEvent]) -> AsyncIterator[Async
         close = getattr(events, "aclose", None)
         if close is not None:
             await close()
+
+
+def _log_wait(call: _Call, attempt: int) -> None:
+    if call.last is not None and call.wait_s > 0:
+        log.warning("model call: attempt %d failed (%s); next in %.2f s", attempt, call.last, call.wait_s)
 
 
 def _name(provider: Any) -> str:
