@@ -6,6 +6,7 @@ low-cardinality name for a concrete subject.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -245,19 +246,42 @@ MESSAGES: tuple[type[BaseModel], ...] = tuple(dict.fromkeys(m for c in CHANNELS 
 _MULTI_TOKEN = {"errors", "deadLetters"}
 
 
-def channel_of(subject: str) -> Channel | None:
-    """The channel a concrete subject belongs to, or None."""
+def _patterns() -> tuple[tuple[tuple[str, ...], Channel], ...]:
+    out = []
     for channel in CHANNELS:
         pattern = channel.pattern
         if pattern is None:
             continue
         if channel.id in _MULTI_TOKEN:
             pattern = pattern.removesuffix("*") + ">"
-        if subjects.matches(pattern, subject):
+        out.append((tuple(pattern.split(".")), channel))
+    return tuple(out)
+
+
+# Split once: every message published or consumed names its span after its channel.
+_PATTERNS = _patterns()
+
+
+def channel_of(subject: str) -> Channel | None:
+    """The channel a concrete subject belongs to, or None."""
+    tokens = subject.split(".")
+    for pattern, channel in _PATTERNS:
+        if _matches(pattern, tokens):
             return channel
     return None
 
 
+def _matches(pattern: tuple[str, ...], tokens: list[str]) -> bool:
+    """`subjects.matches` on split subjects: `*` is one token, a final `>` one or more."""
+    for i, token in enumerate(pattern):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (token != "*" and token != tokens[i]):
+            return False
+    return len(pattern) == len(tokens)
+
+
+@functools.lru_cache(maxsize=4096)
 def template_of(subject: str) -> str:
     """A low-cardinality name for `subject` (its channel's address), for span names and metrics."""
     channel = channel_of(subject)

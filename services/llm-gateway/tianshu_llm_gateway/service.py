@@ -73,6 +73,7 @@ from tianshu_core.bus import (
     ensure_consumer,
     ensure_streams,
     publish,
+    publish_core,
     pull_subscription,
     wire_error,
 )
@@ -332,7 +333,8 @@ class LlmGateway:
         tries = int(getattr(policy, "max_attempts", 1))
         for k in range(tries):
             attempt = request.model_copy(update={"attempt": request.attempt + k})
-            chunks = _Chunks(self._js, attempt, self.settings.llm_gateway_coalesce_ms / 1000)
+            assert self.nc is not None
+            chunks = _Chunks(self.nc, attempt, self.settings.llm_gateway_coalesce_ms / 1000)
             text: list[str] = []
             calls: list[ToolCall] = []
             end: Done | StreamError | None = None
@@ -506,8 +508,8 @@ class _Chunks:
     rest of the call's are dropped (the result still comes).
     """
 
-    def __init__(self, js: JetStreamContext, request: LlmCallRequest, coalesce_s: float) -> None:
-        self._js = js
+    def __init__(self, nc: Client, request: LlmCallRequest, coalesce_s: float) -> None:
+        self._nc = nc
         self._subject = subjects.llm_stream(request.case_key, request.call_id)
         self._request = request
         self._coalesce_s = coalesce_s
@@ -561,7 +563,10 @@ class _Chunks:
             event=event,
         )
         try:
-            await publish(self._js, self._subject, chunk, stream=subjects.STREAM_LLM_STREAM)
+            # Core NATS: the stream stores it all the same, in publish order, and the reply (and
+            # its result) does not wait a round trip per chunk for acknowledgements a follower
+            # does not need.
+            await publish_core(self._nc, self._subject, chunk)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
