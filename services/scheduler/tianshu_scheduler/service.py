@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
@@ -502,77 +502,73 @@ class Scheduler:
 
         Refused at once: a result whose subject names another case than its body, and one for a
         case that does not exist (nothing could ever read it)."""
-        engine = self.engine
-        assert engine is not None
-        if delivery.subject != _result_subject(result.case_key):
-            raise RejectMessage.because(
-                DeadLetterReason.KEY_MISMATCH,
-                f"a result for case {result.case_key!r} sent on {delivery.subject!r}",
-                case_key=result.case_key,
-            )
+        _refuse_misaddressed(result.case_key, delivery.subject, subjects.tool_result)
         # A run awaiting the call here proves the case exists; otherwise ask the store.
-        if not self.tools.resolve(result) and await engine.stores.cases.get_by_key(result.case_key) is None:
-            raise RejectMessage.because(
-                DeadLetterReason.UNKNOWN_CASE,
-                f"a result for case {result.case_key!r}, which does not exist",
-                case_key=result.case_key,
-            )
-        try:
-            published = await engine.publish_event(
-                TOOL_RESULT_RESOURCE,
-                result.call_id,
-                result.model_dump(mode="json"),
-                event_id=result.call_id,
-                take=self._free_runs(),
-            )
-        except TianshuError as exc:
-            if exc.retryable:
-                raise
-            raise RejectMessage(exc, case_key=result.case_key) from exc
-        except (asyncpg.DataError, TypeError) as exc:  # see _unstorable
-            raise _unstorable(exc, case_key=result.case_key) from exc
-        self._run_woken(published)
+        if not self.tools.resolve(result):
+            await self._existing_case(result.case_key)
+        await self._record_result(
+            TOOL_RESULT_RESOURCE, result.call_id, result.case_key, result.model_dump(mode="json")
+        )
 
     async def _handle_llm_result(self, result: LlmCallResult, delivery: Delivery) -> None:
-        """Record a model call's answer durably, keyed by its call id: an event on the call, which
-        wakes a case parked on it (the slow path); a run awaiting it here gets it at once (the fast
-        path). Its usage row is written once per call id. Refused at once: a result on another
-        case's subject, or for a case that does not exist."""
-        engine = self.engine
-        assert engine is not None
-        if delivery.subject != _llm_result_subject(result.case_key):
-            raise RejectMessage.because(
-                DeadLetterReason.KEY_MISMATCH,
-                f"a result for case {result.case_key!r} sent on {delivery.subject!r}",
-                case_key=result.case_key,
-            )
+        """Record a model call's answer durably, keyed by its call id, as a tool result is; and its
+        usage row, once per call id (the row names the case's session and workflow)."""
+        _refuse_misaddressed(result.case_key, delivery.subject, subjects.llm_result)
         self.llm.resolve(result)
-        case = await engine.stores.cases.get_by_key(result.case_key)
-        if case is None:
-            raise RejectMessage.because(
-                DeadLetterReason.UNKNOWN_CASE,
-                f"a result for case {result.case_key!r}, which does not exist",
-                case_key=result.case_key,
-            )
+        case = await self._existing_case(result.case_key)
         if result.response is not None:
             payload: JsonValue = result.response.model_dump(mode="json")
         else:
             assert result.error is not None
             code = result.error_class.value if result.error_class else result.error.code
             payload = {"error": result.error.model_copy(update={"code": code}).model_dump(mode="json")}
+        row = UsageRow.from_result(result, session_id=case.session_id, workflow_code=case.workflow_code)
+        await self._record_result(
+            LLM_RESULT_RESOURCE,
+            result.call_id,
+            result.case_key,
+            payload,
+            usage=row,
+        )
+
+    async def _existing_case(self, case_key: str) -> Case:
+        """The case a result is for; refused (`unknown_case`) when there is none."""
+        engine = self.engine
+        assert engine is not None
+        case = await engine.stores.cases.get_by_key(case_key)
+        if case is None:
+            raise RejectMessage.because(
+                DeadLetterReason.UNKNOWN_CASE,
+                f"a result for case {case_key!r}, which does not exist",
+                case_key=case_key,
+            )
+        return case
+
+    async def _record_result(
+        self,
+        resource: str,
+        call_id: str,
+        case_key: str,
+        payload: JsonValue,
+        *,
+        usage: UsageRow | None = None,
+    ) -> None:
+        """Store a call's result as the event that wakes its case (and its usage row); run what it woke.
+        A store's refusal of the values refuses the message; an outage is transient."""
+        engine = self.engine
+        assert engine is not None
         try:
             published = await engine.publish_event(
-                LLM_RESULT_RESOURCE, result.call_id, payload, event_id=result.call_id, take=self._free_runs()
+                resource, call_id, payload, event_id=call_id, take=self._free_runs()
             )
-            await engine.stores.usage.record(
-                UsageRow.from_result(result, session_id=case.session_id, workflow_code=case.workflow_code)
-            )
+            if usage is not None:
+                await engine.stores.usage.record(usage)
         except TianshuError as exc:
             if exc.retryable:
                 raise
-            raise RejectMessage(exc, case_key=result.case_key) from exc
+            raise RejectMessage(exc, case_key=case_key) from exc
         except (asyncpg.DataError, TypeError) as exc:  # see _unstorable
-            raise _unstorable(exc, case_key=result.case_key) from exc
+            raise _unstorable(exc, case_key=case_key) from exc
         self._run_woken(published)
 
     async def _handle_command(self, msg: CaseCommandMsg, delivery: Delivery) -> None:
@@ -664,20 +660,19 @@ def _unstorable(exc: Exception, *, case_key: str | None = None) -> RejectMessage
     )
 
 
-def _llm_result_subject(case_key: str) -> str | None:
-    """Where the answers to `case_key`'s model calls belong; None for a key no subject can carry."""
+def _refuse_misaddressed(case_key: str, subject: str, subject_of: Callable[[str], str]) -> None:
+    """Refuse (`key_mismatch`) a result whose subject is not the one its body's case key names
+    (a key no subject can carry included)."""
     try:
-        return subjects.llm_result(case_key)
+        expected: str | None = subject_of(case_key)
     except ValueError:
-        return None
-
-
-def _result_subject(case_key: str) -> str | None:
-    """Where the results of `case_key`'s tool calls belong; None for a key no subject can carry."""
-    try:
-        return subjects.tool_result(case_key)
-    except ValueError:
-        return None
+        expected = None
+    if subject != expected:
+        raise RejectMessage.because(
+            DeadLetterReason.KEY_MISMATCH,
+            f"a result for case {case_key!r} sent on {subject!r}",
+            case_key=case_key,
+        )
 
 
 def _key_from_msg_id(msg_id: str) -> str:
