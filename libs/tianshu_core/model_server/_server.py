@@ -215,9 +215,14 @@ class _Exchange:
             await self.responder.send_json(200, body, headers=self.headers)
             return
         await self.responder.start_stream(200, headers=self.headers)
-        for i, frame in enumerate(self.wire.stream(reply, prompt, self.request_id)):
+        frames = list(self.wire.stream(reply, prompt, self.request_id))
+        for i, frame in enumerate(frames):
             if i and gap:
                 await asyncio.sleep(gap)
+            if i == len(frames) - 1 and reply.ending != "cut":
+                # A client stops reading at the last event (`[DONE]`, `message_stop`) without
+                # waiting for the chunked body's end: count the request before it can see it.
+                self.responder.finish()
             await self.responder.write(frame)
         if reply.ending == "cut":
             self.responder.hang_up()
