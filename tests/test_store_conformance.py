@@ -835,6 +835,61 @@ async def test_usage_record_is_idempotent_on_the_call_id(stores: Stores) -> None
     assert sums(await stores.usage.summary(case_key=first.case_key)) == (1, 2, 100, 20, 60, 5, 0.25)
 
 
+async def test_publish_and_wake_stores_a_usage_row_once_with_the_answer(stores: Stores) -> None:
+    """A model call's answer and its usage row commit together; published again (a redelivered
+    result), neither is stored twice."""
+    call_id = uid("call")
+    first = usage_row(uid("case"), call_id=call_id, provider="p", model="m", attempts=1, input_tokens=5)
+    since = NOW - timedelta(days=1)
+    _, new, _, _ = await stores.events.publish_and_wake(
+        "tianshu_llm_result",
+        call_id,
+        {"text": "hi"},
+        event_id=call_id,
+        published_at=NOW,
+        dedupe_since=since,
+        usage=first,
+    )
+    assert new and await stores.usage.rows(case_key=first.case_key) == [first]
+    again = dataclasses.replace(first, input_tokens=50, attempts=2)
+    _, new, _, _ = await stores.events.publish_and_wake(
+        "tianshu_llm_result",
+        call_id,
+        {"text": "hi"},
+        event_id=call_id,
+        published_at=NOW,
+        dedupe_since=since,
+        usage=again,
+    )
+    assert not new and await stores.usage.rows(case_key=first.case_key) == [first]
+
+
+@pytest.mark.postgres
+async def test_an_answer_and_its_usage_row_are_one_transaction(pg_stores: Stores) -> None:
+    """Neither is stored without the other: an answer Postgres refuses (jsonb holds no NUL)
+    leaves no usage row, and a usage row it refuses leaves no answer."""
+    since = NOW - timedelta(days=1)
+    answers = [({"text": "a\x00b"}, "default"), ({"text": "fine"}, "a\x00b")]
+    for answer, route in answers:
+        call_id = uid("call")
+        row = usage_row(uid("case"), call_id=call_id, route=route, attempts=1, input_tokens=5)
+        with pytest.raises(Exception, match=r"0000|0x00"):
+            await pg_stores.events.publish_and_wake(
+                "tianshu_llm_result",
+                call_id,
+                answer,
+                event_id=call_id,
+                published_at=NOW,
+                dedupe_since=since,
+                usage=row,
+            )
+        assert await pg_stores.usage.rows(case_key=row.case_key) == []
+        stored = await pg_stores.events.next_after(
+            "tianshu_llm_result", call_id, after_seq=0, not_before=since
+        )
+        assert stored is None
+
+
 async def test_usage_summary_filters_and_rows_order(stores: Stores) -> None:
     sid, other_sid, case_a, case_b = uid("sess"), uid("sess"), uid("case"), uid("case")
     later = usage_row(

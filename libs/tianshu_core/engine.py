@@ -46,7 +46,7 @@ from .models import (
     Session,
 )
 from .results import Finished, Waiting, WorkflowResult
-from .stores.protocols import Stores
+from .stores.protocols import Stores, UsageRow
 from .telemetry import current_traceparent, in_span, tracer
 from .tokens import new_case_key, require_plain
 from .workflow import WorkflowRegistry, default_registry
@@ -513,6 +513,7 @@ class Engine:
         *,
         event_id: str | None = None,
         take: int | None = None,
+        usage: UsageRow | None = None,
     ) -> PublishResult:
         """Store an event on (resource_type, resource_id) and wake every case waiting on it.
 
@@ -520,6 +521,8 @@ class Engine:
         `take`: lease up to this many of the woken cases to this engine in the same round trip,
         each with its journal and the event it consumes next (`PublishResult.taken`); the caller
         runs them with `run_case(key, lease=...)`, saving each an acquire and an event lookup.
+        `usage`: when the event is a model call's answer, its usage row, committed with it (once
+        per call id, however often the answer is published).
         With `take` given (0 included), the caller runs the other woken cases too (`woken`): wake
         listeners are not told of this publish, so that the caller can start the taken ones first.
         """
@@ -542,6 +545,7 @@ class Engine:
                 take=take or 0,
                 owner=self.config.owner,
                 ttl=self.config.lease_ttl,
+                usage=usage,
             )
             if woken and take is None:
                 for listener in self._wake_listeners:

@@ -57,6 +57,7 @@ class _Db:
         self.events: list[Event] = []
         self.event_seq = itertools.count(1)
         self.timers: dict[tuple[str, str], Timer] = {}
+        self.usage: dict[str, UsageRow] = {}  # by call id; purging a case leaves its usage
 
     def fenced(self, case_key: str, token: int) -> None:
         row = self.leases.get(case_key)
@@ -392,6 +393,7 @@ class InMemoryEventStore:
         take: int = 0,
         owner: str = "",
         ttl: float = 30.0,
+        usage: UsageRow | None = None,
     ) -> tuple[Event, bool, builtins.list[str], builtins.list[Lease]]:
         event, new = await self.publish(
             resource_type,
@@ -401,6 +403,8 @@ class InMemoryEventStore:
             published_at=published_at,
             dedupe_since=dedupe_since,
         )
+        if usage is not None:
+            self._db.usage.setdefault(usage.call_id, usage)
         if not new:
             return event, False, [], []
         db = self._db
@@ -481,8 +485,9 @@ class InMemoryTimerStore:
 class InMemoryUsageStore:
     """Usage rows by call id; apart from the cases, so purging a case leaves its usage."""
 
-    def __init__(self) -> None:
-        self._rows: dict[str, UsageRow] = {}
+    def __init__(self, db: _Db | None = None) -> None:
+        # With `db`, the rows its event store writes beside a model call's answer.
+        self._rows: dict[str, UsageRow] = {} if db is None else db.usage
 
     async def record(self, row: UsageRow) -> bool:
         if row.call_id in self._rows:
@@ -533,5 +538,5 @@ def memory_stores(clock: Clock | None = None) -> Stores:
         waits=InMemoryWaitStore(db),
         events=InMemoryEventStore(db),
         timers=InMemoryTimerStore(db),
-        usage=InMemoryUsageStore(),
+        usage=InMemoryUsageStore(db),
     )

@@ -173,9 +173,13 @@ class EventStore(Protocol):
         take: int = 0,
         owner: str = "",
         ttl: float = 30.0,
+        usage: UsageRow | None = None,
     ) -> tuple[Event, bool, builtins.list[str], builtins.list[Lease]]:
         """`publish`, then, if the event is new, move the cases waiting on its resource to
         running and drop their waits: the keys woken. One round trip where the backend can.
+
+        `usage`: a model call's usage row, stored atomically with the event (the call's answer),
+        unless its call id has one; the usage store's `record` reads it.
 
         With `take`, also lease up to `take` of the woken cases (in key order, those whose lease
         is free) to `owner` for `ttl` seconds: each lease carries the case's journal and, as its

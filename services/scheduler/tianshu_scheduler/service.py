@@ -553,16 +553,15 @@ class Scheduler:
         *,
         usage: UsageRow | None = None,
     ) -> None:
-        """Store a call's result as the event that wakes its case (and its usage row); run what it woke.
+        """Store a call's result as the event that wakes its case, with its usage row in the same
+        transaction; run what it woke.
         A store's refusal of the values refuses the message; an outage is transient."""
         engine = self.engine
         assert engine is not None
         try:
             published = await engine.publish_event(
-                resource, call_id, payload, event_id=call_id, take=self._free_runs()
+                resource, call_id, payload, event_id=call_id, take=self._free_runs(), usage=usage
             )
-            if usage is not None:
-                await engine.stores.usage.record(usage)
         except TianshuError as exc:
             if exc.retryable:
                 raise

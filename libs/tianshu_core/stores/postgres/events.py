@@ -8,8 +8,10 @@ from typing import Any
 from asyncpg import Record
 
 from ...models import Event, EventLookahead, Lease
+from ..protocols import UsageRow
 from ._backend import Conn, PgBackend
 from ._codec import case_from_row, dump, journal_from_arrays, load
+from .usage import insert_sql, usage_args
 
 # The lock tianshu_publish_event takes (migration 0001), held by a publish until it commits.
 _PUBLISH_LOCK = "SELECT pg_advisory_xact_lock(1953067880, hashtext($1 || '/' || $2))"
@@ -35,6 +37,8 @@ SELECT out_seq, out_payload::text AS out_payload, out_published_at, out_created,
        next_seq, next_event_id, next_payload::text AS next_payload, next_published_at
 FROM tianshu_publish_wake_take($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9)
 """
+# The same with a model call's usage row inserted by the same statement: one transaction.
+_PUBLISH_WAKE_TAKE_USAGE = f"WITH usage AS ({insert_sql(10)}){_PUBLISH_WAKE_TAKE}"
 
 
 def _is_own_retry(
@@ -117,10 +121,11 @@ class PostgresEventStore:
         take: int = 0,
         owner: str = "",
         ttl: float = 30.0,
+        usage: UsageRow | None = None,
     ) -> tuple[Event, bool, list[str], list[Lease]]:
         """`publish` and wake the resource's waiting cases, and lease up to `take` of the woken to
         `owner`, each with its journal and the event it consumes next: one call of
-        `tianshu_publish_wake_take` (migration 0004), one commit.
+        `tianshu_publish_wake_take` (migration 0004), one commit, which also stores `usage`.
 
         Retried like `publish`. A retry after a commit whose reply was lost reports no woken
         keys and no leases: the cases it woke are found by the scheduler's sweep, those it leased
@@ -129,7 +134,7 @@ class PostgresEventStore:
 
         async def op(conn: Conn, attempt: int) -> tuple[Event, bool, list[str], list[Lease]]:
             rows = await conn.fetch(
-                _PUBLISH_WAKE_TAKE,
+                _PUBLISH_WAKE_TAKE if usage is None else _PUBLISH_WAKE_TAKE_USAGE,
                 resource_type,
                 resource_id,
                 text,
@@ -139,6 +144,7 @@ class PostgresEventStore:
                 owner,
                 float(ttl),
                 take,
+                *([] if usage is None else usage_args(usage)),
             )
             if not rows:  # the function always returns the event's row first
                 raise RuntimeError("tianshu_publish_wake_take returned no row")

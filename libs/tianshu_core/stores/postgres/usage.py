@@ -13,11 +13,16 @@ from ._backend import Conn, PgBackend, Record
 # The columns of a usage row: UsageRow's fields, by the same names.
 _NAMES = tuple(f.name for f in dataclasses.fields(UsageRow))
 _COLUMNS = ", ".join(_NAMES)
-_INSERT = (
-    f"INSERT INTO tianshu_llm_usage ({_COLUMNS}) "
-    f"VALUES ({', '.join(f'${n}' for n in range(1, len(_NAMES) + 1))}) "
-    "ON CONFLICT (call_id) DO NOTHING RETURNING call_id"
-)
+
+
+def insert_sql(first: int = 1) -> str:
+    """An insert of one usage row whose values are parameters `$first`.. in `_NAMES` order; a
+    row for the call id already there wins (a redelivered or replayed result counts once)."""
+    values = ", ".join(f"${n}" for n in range(first, first + len(_NAMES)))
+    return f"INSERT INTO tianshu_llm_usage ({_COLUMNS}) VALUES ({values}) ON CONFLICT (call_id) DO NOTHING"
+
+
+_INSERT = insert_sql() + " RETURNING call_id"
 _SELECT = f"SELECT {_COLUMNS} FROM tianshu_llm_usage"
 _SUMS = (
     "SELECT count(*), COALESCE(sum(attempts), 0)::bigint, COALESCE(sum(input_tokens), 0)::bigint, "
@@ -27,7 +32,8 @@ _SUMS = (
 )
 
 
-def _args(row: UsageRow) -> list[Any]:
+def usage_args(row: UsageRow) -> list[Any]:
+    """The row's values, for `insert_sql`."""
     return [getattr(row, name) for name in _NAMES]
 
 
@@ -58,7 +64,7 @@ class PostgresUsageStore:
         """Store the row unless its call id has one; True when this call stored it."""
 
         async def op(conn: Conn, attempt: int) -> bool:
-            if await conn.fetchval(_INSERT, *_args(row)) is not None:
+            if await conn.fetchval(_INSERT, *usage_args(row)) is not None:
                 return True
             if attempt == 1:
                 return False
