@@ -53,6 +53,7 @@ EXPECTED = {
     "ManualClock",
     "MigrationError",
     "Next",
+    "NonDeterminismError",
     "PayloadTooLargeError",
     "PollPredicate",
     "PublishReceipt",

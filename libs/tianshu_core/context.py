@@ -21,6 +21,7 @@ from .errors import (
     CorruptCheckpointError,
     DuplicateStepError,
     LeaseLostError,
+    NonDeterminismError,
     TianshuError,
     UnknownWorkflowError,
 )
@@ -158,6 +159,24 @@ class _Journal:
                         self.cursors[key] = max(self.cursors[key], data["event_seq"])
 
 
+# What a journal entry records, as a replay checks it against what the code asks for and as
+# `NonDeterminismError` names it.
+_STEP = "a step"
+_EVENT = "an event wait"
+_TIMER = "a timer"
+_CHILD = "a child"
+_CHILDREN = "a children wait"
+_RECORDED_AS: dict[str, str] = {JournalKind.STEP: _STEP, JournalKind.EVENT: _EVENT, JournalKind.TIMER: _TIMER}
+
+
+def _recorded_as(entry: JournalEntry) -> str:
+    """What `entry` records. Spawning a child and awaiting children share the kind `child`: an
+    await records the children's outcomes (a JSON array), a spawn the child (an object)."""
+    if entry.kind == JournalKind.CHILD:
+        return _CHILDREN if entry.data.lstrip().startswith("[") else _CHILD
+    return _RECORDED_AS.get(entry.kind, f"a {entry.kind} entry")
+
+
 def _decode(entry: JournalEntry) -> Any:
     try:
         return serde.loads(entry.data)
@@ -180,6 +199,9 @@ class WorkflowContext:
         self.spawned: list[str] = []
         self.executed: list[str] = []
         self.replayed: list[str] = []
+        # Set when the replay left the history: the case then fails, even if the workflow
+        # caught the error and went on.
+        self.diverged: NonDeterminismError | None = None
 
     # -- naming -------------------------------------------------------------------------------
 
@@ -189,11 +211,35 @@ class WorkflowContext:
             name = f"{base}#{self._auto[base]}"
         return self._stage_prefix + name
 
-    def _claim(self, name: str) -> JournalEntry | None:
+    def _claim(self, name: str, asked: str) -> JournalEntry | None:
+        """Take `name` for this run: its record, if any, checked to be `asked` (see `_recorded`)."""
         if name in self._used:
             raise DuplicateStepError(self.case.case_key, name)
         self._used.add(name)
-        return self._journal.records.get((name, self._generation[name]))
+        return self._recorded(name, asked)
+
+    def _recorded(self, name: str, asked: str) -> JournalEntry | None:
+        """The entry recorded under `name` (in this generation), if any. One that records
+        something other than what the code asks for (`asked`: a step, an event wait, ...) is a
+        `NonDeterminismError`, never decoded as what it is not."""
+        entry = self._journal.records.get((name, self._generation[name]))
+        if entry is not None and (recorded := _recorded_as(entry)) != asked:
+            raise self._diverge(name, recorded, asked)
+        return entry
+
+    def _diverge(self, name: str, recorded: str, asked: str) -> NonDeterminismError:
+        """The error of a replay that left its history, kept so that the engine fails the case."""
+        error = NonDeterminismError(self.case.case_key, name, recorded, asked)
+        if self.diverged is None:
+            self.diverged = error
+        return error
+
+    def _check_resource(self, name: str, data: Any, resource_type: str, resource_id: str) -> None:
+        """An event wait replays only the wait on the resource it recorded."""
+        recorded = (data.get("resource_type"), data.get("resource_id"))
+        if recorded != (resource_type, resource_id):
+            was = "/".join(map(str, recorded))
+            raise self._diverge(name, f"{_EVENT} on {was}", f"{_EVENT} on {resource_type}/{resource_id}")
 
     def _entry(self, kind: JournalKind, name: str, data: str) -> JournalEntry:
         journal = self._journal
@@ -247,7 +293,7 @@ class WorkflowContext:
         or validated into `returns` (a pydantic model or any type) on both paths.
         """
         name = self._stage_prefix + name
-        entry = self._claim(name)
+        entry = self._claim(name, _STEP)
         if entry is not None:
             self.replayed.append(name)
             return self._decode_step(entry, returns)
@@ -394,9 +440,11 @@ class WorkflowContext:
         """
         name = self._stage_prefix + predicate.step_name
         self._used.add(name)
-        entry = self._journal.records.get((name, self._generation[name]))
+        entry = self._recorded(name, _EVENT)
         if entry is not None:
-            return _decode(entry).get("payload")
+            data = _decode(entry)
+            self._check_resource(name, data, predicate.resource_type, predicate.resource_id)
+            return data.get("payload")
         return await self._consume(name, predicate.resource_type, predicate.resource_id)
 
     async def _consume(self, name: str, resource_type: str, resource_id: str) -> Any | None:
@@ -441,10 +489,11 @@ class WorkflowContext:
         """
         require_plain(resource_type, "resource type")
         name = self._name(name, f"event-{resource_type}-{resource_id}")
-        entry = self._claim(name)
+        entry = self._claim(name, _EVENT)
         if entry is not None:
             self.replayed.append(name)
             data = _decode(entry)
+            self._check_resource(name, data, resource_type, resource_id)
             if data.get("timed_out"):
                 raise WaitTimeoutError(f"no event on {resource_type}/{resource_id} within {timeout}s")
             return data.get("payload")
@@ -469,7 +518,7 @@ class WorkflowContext:
         )
 
     async def _deadline(self, name: str, seconds: float) -> datetime:
-        entry = self._journal.records.get((name, self._generation[name]))
+        entry = self._recorded(name, _TIMER)
         if entry is not None:
             return datetime.fromisoformat(_decode(entry)["fire_at"])
         fire_at = self._run.clock.now() + timedelta(seconds=seconds)
@@ -480,7 +529,7 @@ class WorkflowContext:
     async def sleep(self, seconds: float, *, name: str | None = None) -> None:
         """Sleep durably: the case is parked as a row and woken by a timer (engine clock)."""
         name = self._name(name, "sleep")
-        self._claim(name)
+        self._claim(name, _TIMER)
         wake_at = await self._deadline(name, seconds)
         if self._run.clock.now() < wake_at:
             raise Suspend([], wake_at)
@@ -492,9 +541,13 @@ class WorkflowContext:
     ) -> ChildHandle:
         """Create a child case in this session, once: a replay returns the same child."""
         name = self._name(name, "child")
-        entry = self._claim(name)
+        entry = self._claim(name, _CHILD)
         if entry is not None:
             data = _decode(entry)
+            was = data["workflow_code"]
+            if was != workflow_code:
+                asked = f"{_CHILD} of workflow {workflow_code!r}"
+                raise self._diverge(name, f"{_CHILD} of workflow {was!r}", asked)
             return ChildHandle(data["case_key"], data["workflow_code"], name)
         if workflow_code not in self._run.registry:
             raise UnknownWorkflowError(workflow_code, self._run.registry.codes)
@@ -548,10 +601,12 @@ class WorkflowContext:
     ) -> list[ChildOutcome]:
         """Wait (as a row) until every child has finished or failed; their outcomes, in order."""
         name = self._name(name, "children")
-        entry = self._claim(name)
+        entry = self._claim(name, _CHILDREN)
         if entry is not None:
             self.replayed.append(name)
-            return [ChildOutcome(**{**o, "state": ExecutionState(o["state"])}) for o in _decode(entry)]
+            recorded = _decode(entry)
+            self._check_children(name, [o["case_key"] for o in recorded], [h.case_key for h in handles])
+            return [ChildOutcome(**{**o, "state": ExecutionState(o["state"])}) for o in recorded]
         outcomes = [await self.child_status(h) for h in handles]
         if all(o.state in (ExecutionState.FINISHED, ExecutionState.FAILED) for o in outcomes):
             await self._append(JournalKind.CHILD, name, serde.dumps([{**_outcome_dict(o)} for o in outcomes]))
@@ -560,6 +615,18 @@ class WorkflowContext:
         raise Suspend(
             [PollPredicate(resource_type=CHILDREN_RESOURCE, resource_id=self.case.case_key, step_name=name)]
         )
+
+    def _check_children(self, name: str, recorded: list[str], asked: list[str]) -> None:
+        """A children wait replays only the wait on the children it recorded, in that order."""
+        if len(recorded) != len(asked):
+            raise self._diverge(
+                name, f"{_CHILDREN} on {len(recorded)} children", f"{_CHILDREN} on {len(asked)} children"
+            )
+        for i, (was, now) in enumerate(zip(recorded, asked, strict=True), start=1):
+            if was != now:
+                raise self._diverge(
+                    name, f"{_CHILDREN} whose child {i} is {was!r}", f"{_CHILDREN} whose child {i} is {now!r}"
+                )
 
     # -- outcome ------------------------------------------------------------------------------
 

@@ -383,6 +383,15 @@ class Engine:
             log.warning("case %s: lease not released (%r); it expires by itself", lease.case_key, exc)
 
     async def _execute(self, ctx: WorkflowContext) -> WorkflowResult | BaseException:
+        result = await self._run_workflow(ctx)
+        if ctx.diverged is not None:
+            # The replay left the history: whatever the workflow made of the error, the case fails.
+            if result is not ctx.diverged:
+                log.error("case %s failed: %s", ctx.case.case_key, ctx.diverged)
+            return ctx.diverged
+        return result
+
+    async def _run_workflow(self, ctx: WorkflowContext) -> WorkflowResult | BaseException:
         try:
             workflow = self.registry.create(ctx.case)
             result = await workflow.run(ctx)

@@ -158,9 +158,21 @@ class PayloadTooLargeError(TianshuError):
 
 
 class NonDeterminismError(TianshuError):
-    """A replay took a different path than the run that wrote the history."""
+    """A replay took a different path than the run that wrote the history: the code asks, under a
+    recorded name, for something other than what the journal holds there (the code changed under
+    a case in flight). Its case fails; the record is never decoded as what it is not."""
 
     code = "non_determinism"
+
+    def __init__(self, case_key: str, name: str, recorded: str, asked: str) -> None:
+        super().__init__(
+            f"case {case_key!r} recorded {name!r} as {recorded}, but the workflow now asks for {asked} "
+            "under that name: its code changed in a way that cases in flight cannot follow"
+        )
+        self.case_key = case_key
+        self.name = name
+        self.recorded = recorded
+        self.asked = asked
 
 
 class StoreUnavailableError(TianshuError):

@@ -27,7 +27,7 @@ from tianshu_contracts import WireError
 from tianshu_contracts.llm import LlmErrorClass, LlmMessage, LlmRequest, LlmResponse, ToolCall, ToolResult
 from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER
 
-from ..context import Suspend, _decode, _guard
+from ..context import _TIMER, Suspend, _decode, _guard
 from ..errors import TianshuError
 from ..llm import LLM_RESULT_RESOURCE, LlmCallPending, LlmError, LlmInvocation, takes_invocation
 from ..models import PollPredicate
@@ -220,7 +220,7 @@ class ToolLoop:
         attempt, timer = 0, None
         while True:
             name = _llm_wait(record, attempt + 1)
-            found = ctx._journal.records.get((name, ctx._generation[name]))
+            found = ctx._recorded(name, _TIMER)
             if found is None:
                 break
             attempt, timer = attempt + 1, found
@@ -354,7 +354,7 @@ class ToolLoop:
         or `_Pending` while it may still come. None for a call never sent."""
         ctx = self.ctx
         wait = _wait_name(invocation)
-        timer = ctx._journal.records.get((wait, ctx._generation[wait]))
+        timer = ctx._recorded(wait, _TIMER)
         if timer is None:
             return None
         recorded = await self._recorded_result(call, invocation)
