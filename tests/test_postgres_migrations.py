@@ -139,7 +139,10 @@ async def test_failed_migration_rolls_back_and_is_not_recorded(
 ) -> None:
     known = known_migrations()
     bad = Migration(
-        latest_version() + 1, "broken", "CREATE TABLE tianshu_half_done (x int); SELECT * FROM no_such_table;"
+        latest_version() + 1,
+        "broken",
+        "CREATE TABLE tianshu_half_done (x int); SELECT * FROM no_such_table;",
+        latest_version(),
     )
     monkeypatch.setattr(MIGRATE_MODULE, "known_migrations", lambda: (*known, bad))
     with pytest.raises(MigrationError, match="broken"):

@@ -55,9 +55,10 @@ async def connect_postgres(
     """Open a pool on `dsn` and return every store on it.
 
     With `migrate=True` pending migrations are applied first; otherwise a database whose schema
-    is missing or older raises MigrationError saying to run `tianshu db migrate`, and one newer
-    than this code always does. `application_name` tags the pool's connections (operators and
-    tests find them by it). `journal_flushes` caps the concurrent journal group commits (each
+    is missing or older raises MigrationError saying to run `tianshu db migrate`. One newer than
+    this code does too, unless its newer migrations keep this code working (a rolling upgrade:
+    see `migrate`). `application_name` tags the pool's connections (operators and tests find
+    them by it). `journal_flushes` caps the concurrent journal group commits (each
     holds a pool connection while it runs). `Stores.close()` closes everything.
     """
     if migrate:
@@ -73,7 +74,7 @@ async def connect_postgres(
     db = PgBackend(pool, retry)
     try:
         async with pool.acquire() as conn:
-            _migrations.check_version(await _migrations.applied_versions(conn))
+            _migrations.check_version(await _migrations.applied_migrations(conn))
     except BaseException:
         await db.close()
         raise

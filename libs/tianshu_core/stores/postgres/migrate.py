@@ -2,6 +2,12 @@
 
 `migrate` holds a session advisory lock while it works, so several processes starting at once
 apply each migration exactly once (the others wait, then find nothing left to do).
+
+Rolling upgrades: code runs on its own schema and on a newer one whose every newer migration keeps
+it working. Each migration says which code it keeps working: by default the code of the
+migration before it (code one migration behind the schema runs); a `-- compatible-with: NNNN`
+line names an older version. The database records it with the migration, so that code which
+does not know a migration can still tell whether it may run beside it.
 """
 
 from __future__ import annotations
@@ -25,34 +31,47 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Any constant works; this one spells "tianshu" in a bigint so it will not collide by accident.
 _LOCK_KEY = 0x7469616E736875
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_COMPATIBLE = re.compile(r"^-- compatible-with: (\d{4})$", re.MULTILINE)
+# `compatible_with`: the oldest schema version whose code still runs on the schema after this
+# migration (NULL in rows written before the column existed: only the code of that version).
 _VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS tianshu_schema_migrations (
     version     integer PRIMARY KEY,
     name        text NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
-)
+);
+ALTER TABLE tianshu_schema_migrations ADD COLUMN IF NOT EXISTS compatible_with integer
 """
 _HINT = "run `tianshu db migrate`"
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
-    """One numbered schema change."""
+    """One numbered schema change, and the oldest schema version whose code it keeps working."""
 
     version: int
     name: str
     sql: str
+    compatible_with: int
 
 
 @cache
 def known_migrations() -> tuple[Migration, ...]:
     """The migrations this code knows, by version."""
-    found = []
+    found: list[Migration] = []
     for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
         match = _FILE.match(path.name)
         if match is None:
             raise MigrationError(f"migration file {path.name!r} is not named NNNN_name.sql")
-        found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
+        version, sql = int(match[1]), path.read_text(encoding="utf-8")
+        declared = _COMPATIBLE.search(sql)
+        compatible_with = int(declared[1]) if declared else (found[-1].version if found else 0)
+        if compatible_with >= version:
+            # The rule: a migration keeps at least the code of the one before it working.
+            raise MigrationError(
+                f"migration {path.name!r}: compatible-with {compatible_with} must name an older version"
+            )
+        found.append(Migration(version, match[2], sql, compatible_with))
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise MigrationError(f"two migration files share a version: {versions}")
@@ -65,22 +84,37 @@ def latest_version() -> int:
     return known[-1].version if known else 0
 
 
-async def applied_versions(
+async def applied_migrations(
     conn: asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record],
-) -> list[int]:
-    """Versions recorded in the database (empty when it was never migrated)."""
+) -> dict[int, int | None]:
+    """The versions recorded in the database, in order (empty when it was never migrated), each
+    with the oldest version whose code it keeps working (None when not recorded)."""
     if await conn.fetchval("SELECT to_regclass('tianshu_schema_migrations')") is None:
-        return []
-    rows = await conn.fetch("SELECT version FROM tianshu_schema_migrations ORDER BY version")
-    return [r[0] for r in rows]
+        return {}
+    # Read through to_jsonb: a database that only older code migrated lacks the column.
+    rows = await conn.fetch(
+        "SELECT version, (to_jsonb(m) ->> 'compatible_with')::integer FROM tianshu_schema_migrations m"
+        " ORDER BY version"
+    )
+    return {r[0]: r[1] for r in rows}
 
 
-def _check_not_newer(applied: list[int]) -> None:
-    if applied and applied[-1] > latest_version():
+def _check_runs_on(applied: dict[int, int | None]) -> int | None:
+    """Refuse a schema with a migration this code does not know that does not keep it working;
+    the schema's version when it is newer than this code (and keeps it working), else None."""
+    latest = latest_version()
+    newer = {v: v if c is None else c for v, c in applied.items() if v > latest}
+    if not newer:
+        return None
+    needed = max(newer.values())
+    if needed > latest:
+        blocking = min(v for v, c in newer.items() if c == needed)
         raise MigrationError(
-            f"the database schema is at version {applied[-1]}, newer than this code knows "
-            f"(latest {latest_version()}); upgrade tianshu before connecting to this database"
+            f"the database schema is at version {max(newer)}, newer than this code knows (latest "
+            f"{latest}), and its migration {blocking:04d} works only with the code of version "
+            f"{needed} or later; upgrade tianshu before connecting to this database"
         )
+    return max(newer)
 
 
 async def migrate_connection(conn: asyncpg.Connection[asyncpg.Record]) -> list[int]:
@@ -88,8 +122,8 @@ async def migrate_connection(conn: asyncpg.Connection[asyncpg.Record]) -> list[i
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
         await conn.execute(_VERSION_TABLE)
-        applied = await applied_versions(conn)
-        _check_not_newer(applied)
+        applied = await applied_migrations(conn)
+        _check_runs_on(applied)
         done = set(applied)
         newly: list[int] = []
         for migration in known_migrations():
@@ -100,9 +134,11 @@ async def migrate_connection(conn: asyncpg.Connection[asyncpg.Record]) -> list[i
                 async with conn.transaction():
                     await conn.execute(migration.sql)
                     await conn.execute(
-                        "INSERT INTO tianshu_schema_migrations (version, name) VALUES ($1, $2)",
+                        "INSERT INTO tianshu_schema_migrations (version, name, compatible_with)"
+                        " VALUES ($1, $2, $3)",
                         migration.version,
                         migration.name,
+                        migration.compatible_with,
                     )
             except asyncpg.PostgresError as exc:
                 raise MigrationError(
@@ -137,16 +173,24 @@ async def schema_version(dsn: str) -> int:
     """The newest migration applied to the database at `dsn` (0 when never migrated)."""
     conn = await _connect(dsn)
     try:
-        applied = await applied_versions(conn)
+        applied = await applied_migrations(conn)
     finally:
         await conn.close()
-    return applied[-1] if applied else 0
+    return max(applied, default=0)
 
 
-def check_version(applied: list[int]) -> None:
-    """Raise MigrationError unless the database has exactly the migrations this code knows."""
-    _check_not_newer(applied)
-    missing = [m.version for m in known_migrations() if m.version not in set(applied)]
+def check_version(applied: dict[int, int | None]) -> None:
+    """Raise MigrationError unless the database has every migration this code knows, and any
+    newer ones keep this code working (`applied`: from `applied_migrations`)."""
+    ahead = _check_runs_on(applied)
+    if ahead is not None:
+        log.warning(
+            "the database schema is at version %d, newer than this code (%d), which its newer "
+            "migrations keep working (a rolling upgrade): upgrade this process",
+            ahead,
+            latest_version(),
+        )
+    missing = [m.version for m in known_migrations() if m.version not in applied]
     if not applied:
         raise MigrationError(f"the database has no Tianshu schema; {_HINT} (or connect with migrate=True)")
     if missing:
