@@ -1,6 +1,6 @@
 """B4: what a model call costs through tianshu, against the bare SDK call to the same server.
 
-The project's scripted model server runs as its own process (`python -m tianshu_core.model_server`),
+The project's scripted model server runs as its own process (`python -m tianshu_core.local.model_server`),
 and every part below asks it; "direct" is a bare `openai` client (retries off) in the same process
 as the path it is set against. Sequential unless said; each part prints a '# b4: …' line.
 
@@ -99,7 +99,7 @@ class Params:
 
 def start_server() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tianshu_core.model_server", "--port", "0"],
+        [sys.executable, "-m", "tianshu_core.local.model_server", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

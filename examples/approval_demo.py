@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.approval import ApprovalWorkflow
 from tianshu_core import Engine, connect_postgres, default_registry
-from tianshu_core.embedded import database_url
+from tianshu_core.local.embedded import database_url
 
 
 async def main() -> int:

@@ -1,7 +1,7 @@
 """Where the test suite's Postgres comes from.
 
 In order: the server named by ``TIANSHU_TEST_DATABASE_URL``; else a ``postgres:15`` container
-when a Docker engine answers; else the embedded Postgres of `tianshu_core.embedded`, on its own
+when a Docker engine answers; else the embedded Postgres of `tianshu_core.local.embedded`, on its own
 data directory so that a test run never stops the server a demo is using.
 """
 
@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from tianshu_core import embedded
+from tianshu_core.local import embedded
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,17 @@
 """The embedded Postgres: starts from an empty directory (as root too), answers asyncpg over TCP,
-is reused while running, keeps its data across a restart, and stops."""
+is reused while running, keeps its data across a restart, says that it outlives its user, and is
+seen and stopped with `tianshu embedded status|stop`."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tianshu_core import embedded
+from tianshu_core.cli import main as cli
+from tianshu_core.local import embedded
 
 
 def test_database_url_prefers_the_configured_server(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,7 +26,9 @@ def test_default_pgdata_follows_the_environment(monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.slow
 @pytest.mark.postgres
-async def test_start_connect_restart_stop(tmp_path: Path) -> None:
+async def test_start_connect_restart_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     pgdata = tmp_path / "pgdata"
     server = embedded.start(pgdata)
     try:
@@ -34,6 +39,20 @@ async def test_start_connect_restart_stop(tmp_path: Path) -> None:
         again = embedded.start(pgdata)
         assert (again.port, again.pid, again.started) == (server.port, server.pid, False)
 
+        # What `make demo` and `tianshu dev` call: the URL, and on stderr what is left running.
+        monkeypatch.delenv(embedded.DATABASE_URL_ENV, raising=False)
+        monkeypatch.setenv(embedded.PGDATA_ENV, str(pgdata))
+        capsys.readouterr()
+        assert embedded.database_url() == server.url
+        notice = capsys.readouterr().err
+        assert f"127.0.0.1:{server.port} (pid {server.pid}, user {server.user!r}" in notice
+        assert "keeps running after this program ends" in notice
+        assert "`tianshu embedded stop` stops it" in notice
+
+        assert await asyncio.to_thread(cli, ["embedded", "status"]) == 0
+        shown = capsys.readouterr().out
+        assert f"{server.url} pid {server.pid} user {server.user} data {pgdata}" in shown
+
         conn = await asyncpg.connect(server.url)
         try:
             assert await conn.fetchval("SELECT 40 + 2") == 42
@@ -41,8 +60,13 @@ async def test_start_connect_restart_stop(tmp_path: Path) -> None:
         finally:
             await conn.close()
 
-        assert embedded.stop(pgdata)
+        assert await asyncio.to_thread(cli, ["embedded", "stop", "--pgdata", str(pgdata)]) == 0
+        assert "stopped the embedded Postgres" in capsys.readouterr().out
         assert embedded.status(pgdata) is None
+        assert await asyncio.to_thread(cli, ["embedded", "status", "--pgdata", str(pgdata)]) == 3
+        assert "no embedded Postgres runs" in capsys.readouterr().out
+        assert await asyncio.to_thread(cli, ["embedded", "stop"]) == 0
+        assert "none was running" in capsys.readouterr().out
         assert not embedded.stop(pgdata)
 
         restarted = embedded.start(pgdata)

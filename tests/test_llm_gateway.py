@@ -4,7 +4,7 @@ as the upstream, calls sent by hand as the scheduler's `NatsLlmClient` would sen
 The module has a nats-server of its own: the gateways' stream and consumer names are fixed, so
 each group of tests that starts gateways deletes the LLM streams first. The `ModelServer` runs in
 the test process; what each model answers is the script in its upstream name (see
-`tianshu_core.model_server`), and its stats say what it was asked.
+`tianshu_core.local.model_server`), and its stats say what it was asked.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tianshu_contracts import DeadLetterReason, subjects
 from tianshu_contracts.llm import Done, LlmErrorClass, StreamError, TextDelta, ToolSpec, ToolUse, UsageEvent
 from tianshu_core.bus import publish
 from tianshu_core.llm import REDACTED
-from tianshu_core.model_server import ModelServer, key_fingerprint
+from tianshu_core.local.model_server import ModelServer, key_fingerprint
 from tianshu_llm_gateway.config import load_config
 
 pytestmark = [pytest.mark.nats, pytest.mark.e2e]

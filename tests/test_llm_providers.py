@@ -29,7 +29,7 @@ from tianshu_contracts.llm import (
 )
 from tianshu_core import Engine, ToolRegistry, WorkflowContext, WorkflowRegistry, memory_stores, tool
 from tianshu_core.llm import AnthropicProvider, LlmError, OpenAiProvider, SdkProvider
-from tianshu_core.model_server import ModelServer, RequestRecord, key_fingerprint
+from tianshu_core.local.model_server import ModelServer, RequestRecord, key_fingerprint
 
 KEY = "sk-test-0123456789abcdef"
 SENTINEL = "sk-SENTINEL-abc123xyz"

@@ -1,7 +1,7 @@
 """`ResilientLlmProvider` through the real SDKs against the project's scripted model server.
 
 Every provider points at one `ModelServer`; what each answers is the script its `model` names
-(see `tianshu_core.model_server`), and the server's stats say what it was asked.
+(see `tianshu_core.local.model_server`), and the server's stats say what it was asked.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tianshu_core.llm import (
     ResiliencePolicy,
     ResilientLlmProvider,
 )
-from tianshu_core.model_server import ModelServer
+from tianshu_core.local.model_server import ModelServer
 from tianshu_core.retry import RetryPolicy
 from tianshu_core.stores.memory import memory_stores
 

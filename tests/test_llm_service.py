@@ -4,7 +4,7 @@ The workflow is `examples.agent` (a tool loop over `ctx.llm`, which in the sched
 gateway's client), or `tests.e2e_llm`'s `llm_probe` (the same loop, recording the class of an
 `LlmError` before failing with it); the route is the case's input `route`. The upstream is the
 project's scripted model server, in this process, so the test can read what it was asked: each
-model's upstream name is its script (see `tianshu_core.model_server`), counted per test.
+model's upstream name is its script (see `tianshu_core.local.model_server`), counted per test.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tianshu_contracts.llm import Done, LlmErrorClass, StreamError, TextDelta, T
 from tianshu_core import TianshuClient
 from tianshu_core.bus import publish
 from tianshu_core.llm import REDACTED
-from tianshu_core.model_server import ModelServer, RequestRecord, key_fingerprint
+from tianshu_core.local.model_server import ModelServer, RequestRecord, key_fingerprint
 from tianshu_core.stores.postgres import connect_postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nats, pytest.mark.postgres, pytest.mark.slow]

@@ -18,7 +18,13 @@ import httpx2
 import openai
 import pytest
 
-from tianshu_core.model_server import SCRIPT_HEADER, ModelServer, ScriptError, key_fingerprint, parse_script
+from tianshu_core.local.model_server import (
+    SCRIPT_HEADER,
+    ModelServer,
+    ScriptError,
+    key_fingerprint,
+    parse_script,
+)
 
 KEY = "sk-test-0123456789abcdef"
 USER: Any = [{"role": "user", "content": "what is two plus three"}]  # 5 words
@@ -625,7 +631,7 @@ def test_in_thread_mode_raises_when_it_cannot_listen() -> None:
 
 def test_module_serves_until_interrupted() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tianshu_core.model_server", "--port", "0", "--host", "127.0.0.1"],
+        [sys.executable, "-m", "tianshu_core.local.model_server", "--port", "0", "--host", "127.0.0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -1,7 +1,7 @@
 """A Postgres outage delays work and loses none.
 
 A scheduler and a tool runner run as processes, with a short delivery budget, against a Postgres of
-this test's own (`tianshu_core.embedded` on a temporary data directory: the session's server and
+this test's own (`tianshu_core.local.embedded` on a temporary data directory: the session's server and
 the machine's are never stopped) and the session's NATS. Cases of `e2e_wait_then_agent` (a step, a
 wait for an event, one tool call, a step) are in three groups when Postgres goes down:
 
@@ -46,7 +46,7 @@ from tests._tool_runner import executions as tool_runs
 from tests.e2e_agent import model_calls
 from tests.test_tool_service import Stack, assert_steps_once, nap
 from tianshu_contracts import DEAD_LETTER_ADAPTER, DeadLetter, subjects
-from tianshu_core import embedded
+from tianshu_core.local import embedded
 from tianshu_core.stores.postgres import migrate
 from tianshu_core.tools import TOOL_RESULT_RESOURCE
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import tianshu_core
 
 EXPECTED = {
@@ -131,3 +134,35 @@ def test_errors_share_one_root_with_stable_codes() -> None:
     codes = [e.code for e in errors if issubclass(e, tianshu_core.TianshuError)]
     assert all(issubclass(e, tianshu_core.TianshuError) for e in errors)
     assert len(codes) == len(set(codes))
+
+
+def test_the_engine_client_and_services_do_not_import_the_local_tooling() -> None:
+    """`tianshu_core.local` (embedded Postgres, `tianshu dev`, the scripted model server) is for one
+    machine; an application or a service that imports the engine must not load it."""
+    modules = [
+        "tianshu_core",
+        "tianshu_core.engine",
+        "tianshu_core.client",
+        "tianshu_core.stores.postgres",
+        "tianshu_scheduler.__main__",
+        "tianshu_scheduler.service",
+        "tianshu_tool_runner.__main__",
+        "tianshu_tool_runner.service",
+        "tianshu_llm_gateway.__main__",
+        "tianshu_llm_gateway.service",
+    ]
+    # After the check, the tooling itself: the same probe must see it (a misspelt prefix would not).
+    code = (
+        "import importlib, sys\n"
+        "def loaded():\n"
+        "    return sorted(m for m in sys.modules if m.startswith('tianshu_core.local') or m == 'pgserver')\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(loaded())\n"
+        "import tianshu_core.local.embedded\n"
+        "print(loaded())\n"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    engine_side, tooling_side = found.stdout.splitlines()
+    assert engine_side == "[]"
+    assert "tianshu_core.local.embedded" in tooling_side

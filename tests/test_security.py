@@ -38,7 +38,8 @@ from tests._nats import NatsServer, NatsServerFactory, TlsFiles, make_ca
 from tests._nats_jwt import Operator
 from tests._services import SchedulerProcess, executions
 from tests.test_scheduler_scale import fresh_database
-from tianshu_core import ExecutionState, connect_postgres, embedded
+from tianshu_core import ExecutionState, connect_postgres
+from tianshu_core.local import embedded
 from tianshu_core.stores.postgres import _backend
 from tianshu_core.stores.postgres._backend import PostgresTlsError, postgres_ssl
 

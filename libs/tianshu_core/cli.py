@@ -3,8 +3,9 @@
 `db`, `usage` and `cases list|show|history|purge` read Postgres (`TIANSHU_DATABASE_URL`); `start`,
 `events publish`, `cases cancel|pause|resume|follow` and `cases show --via-nats` go through NATS
 (`TIANSHU_NATS_*`, see `NatsSettings`), the first ones to a running scheduler; `dlq
-list|show|replay` reads and replays the TIANSHU_DLQ stream (see `tianshu_core.dlq`). Errors print
-one line, no traceback.
+list|show|replay` reads and replays the TIANSHU_DLQ stream (see `tianshu_core.dlq`); `dev` runs the
+service stack here and `embedded status|start|stop|url` minds the embedded development Postgres (both
+in `tianshu_core.local`). Errors print one line, no traceback.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from tianshu_contracts import CaseUpdated, Done, LlmStreamChunk, StreamError, Te
 from . import dlq, serde
 from .bus import NatsSettings, connect
 from .client import SchedulerUnavailableError, TianshuClient
-from .dev import DEFAULT_DATA_DIR, DevOptions, run_dev
 from .engine import Engine
 from .errors import TianshuError
+from .local import embedded
+from .local.dev import DEFAULT_DATA_DIR, DevOptions, run_dev
 from .models import CaseFilter, ExecutionState
 from .settings import Settings
 
@@ -139,6 +141,21 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_DATA_DIR,
         help=f"NATS store and logs (default {DEFAULT_DATA_DIR})",
     )
+
+    embedded_pg = sub.add_parser(
+        "embedded",
+        help="the embedded development Postgres of `make demo` and `tianshu dev`: it outlives them, "
+        "runs as a system user when started by root, and is shared by every checkout on the machine",
+    ).add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("status", "show the server (port, pid, user, data directory); exit 3 when none runs"),
+        ("start", "start the server (or reuse the running one) and print its URL"),
+        ("stop", "stop the server; stopping one that is not running is not an error"),
+        ("url", "print $TIANSHU_DATABASE_URL if set, else the server's URL, starting it if need be"),
+    ):
+        embedded_pg.add_parser(name, help=text).add_argument(
+            "--pgdata", type=Path, help="data directory (default: $TIANSHU_EMBEDDED_PGDATA, else per user)"
+        )
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="command", required=True)
     db.add_parser("migrate", help="apply pending migrations (safe to run concurrently)")
@@ -436,6 +453,29 @@ async def _send_command(client: TianshuClient, verb: str, case_key: str, reason:
     return 0
 
 
+def _run_embedded(args: argparse.Namespace) -> int:
+    """`tianshu embedded status|start|stop|url`; 3 from `status` when no server runs, as pg_ctl does."""
+    if args.command == "status":
+        server = embedded.status(args.pgdata)
+        if server is None:
+            print(f"no embedded Postgres runs on {args.pgdata or embedded.default_pgdata()}")
+            return 3
+        print(
+            f"running: {server.url} pid {server.pid} user {server.user} data {server.pgdata}\n"
+            "It is shared by every checkout on this machine that uses this data directory; "
+            "`tianshu embedded stop` stops it."
+        )
+    elif args.command == "stop":
+        stopped = embedded.stop(args.pgdata)
+        where = args.pgdata or embedded.default_pgdata()
+        print(f"stopped the embedded Postgres on {where}" if stopped else f"none was running on {where}")
+    elif args.command == "url" and args.pgdata is None:
+        print(embedded.database_url())
+    else:
+        print(embedded.start(args.pgdata).url)
+    return 0
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.group == "dev":
         if args.runners < 0 or args.gateways < 0:
@@ -456,6 +496,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return await run_dev(options)
     if args.group == "dlq":
         return await _run_dlq(args)
+    if args.group == "embedded":
+        return await asyncio.to_thread(_run_embedded, args)
     command = getattr(args, "command", None)  # `usage` has none
     if (
         args.group in ("start", "events")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-log = logging.getLogger("tianshu_core.model_server")
+log = logging.getLogger("tianshu_core.local.model_server")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024

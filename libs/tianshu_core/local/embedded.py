@@ -22,7 +22,6 @@ development server. POSIX only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import importlib.util
@@ -39,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TianshuError
+from ..errors import TianshuError
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -49,7 +48,6 @@ __all__ = [
     "EmbeddedPostgresError",
     "database_url",
     "default_pgdata",
-    "main",
     "start",
     "status",
     "stop",
@@ -90,6 +88,25 @@ class EmbeddedPostgres:
         """URL of the server's ``postgres`` database, for asyncpg and libpq alike."""
         return f"postgresql://{_SUPERUSER}@{_HOST}:{self.port}/postgres"
 
+    @property
+    def user(self) -> str:
+        """The system user the server runs as: the owner of its data directory."""
+        uid = self.pgdata.stat().st_uid
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return str(uid)
+
+    def notice(self) -> str:
+        """What a user should know about this server: it outlives them and is shared."""
+        how = "started" if self.started else "reusing"
+        return (
+            f"embedded Postgres: {how} the server on 127.0.0.1:{self.port} (pid {self.pid}, "
+            f"user {self.user!r}, data {self.pgdata}). It keeps running after this program ends and "
+            "serves every checkout on this machine that uses this data directory. "
+            "`tianshu embedded status` shows it; `tianshu embedded stop` stops it."
+        )
+
 
 @dataclass(frozen=True)
 class _Account:
@@ -112,11 +129,16 @@ def default_pgdata() -> Path:
 
 
 def database_url() -> str:
-    """``TIANSHU_DATABASE_URL`` if set, else the URL of the embedded server, started if need be."""
+    """``TIANSHU_DATABASE_URL`` if set, else the URL of the embedded server, started if need be.
+
+    Using the embedded server prints its `notice()` on stderr: the server outlives the caller (a
+    demo, `tianshu dev`), and nothing else would tell the user that a Postgres is left running."""
     configured = os.environ.get(DATABASE_URL_ENV)
     if configured:
         return configured
-    return start().url
+    server = start()
+    print(server.notice(), file=sys.stderr, flush=True)
+    return server.url
 
 
 def status(pgdata: Path | None = None) -> EmbeddedPostgres | None:
@@ -369,38 +391,3 @@ def _run(account: _Account | None, executable: Path, args: Sequence[str]) -> Non
             output.seek(0)
             text = output.read().decode(errors="replace").strip()
             raise EmbeddedPostgresError(f"{executable.name} {' '.join(args)} failed:\n{text}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tianshu_core.embedded start|stop|url [--pgdata DIR]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tianshu_core.embedded", description="Run the embedded development Postgres."
-    )
-    parser.add_argument(
-        "command",
-        choices=["start", "stop", "url"],
-        help="start: start (or reuse) the server and print its URL; stop: stop it; "
-        f"url: print {DATABASE_URL_ENV} if set, else the embedded server's URL, starting it if need be",
-    )
-    parser.add_argument(
-        "--pgdata", type=Path, default=None, help=f"data directory (default: {default_pgdata()})"
-    )
-    options = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        if options.command == "stop":
-            if not stop(options.pgdata):
-                print("no embedded Postgres is running", file=sys.stderr)
-            return 0
-        if options.command == "url" and options.pgdata is None:
-            print(database_url())
-        else:
-            print(start(options.pgdata).url)
-    except EmbeddedPostgresError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,7 @@ The test suite points the real `openai` and `anthropic` SDKs at it (and `tianshu
         client = openai.AsyncOpenAI(base_url=server.openai_base_url, api_key="sk-test")
         client = anthropic.AsyncAnthropic(base_url=server.anthropic_base_url, api_key="sk-test")
 
-`python -m tianshu_core.model_server --port 0` serves until Ctrl-C. Endpoints:
+`python -m tianshu_core.local.model_server --port 0` serves until Ctrl-C. Endpoints:
 `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` (Anthropic), `GET /v1/models`,
 `GET /_stats` (the `Stats` as JSON) and `POST /_reset`. A model request without an API key
 (`Authorization: Bearer K`; for Anthropic `x-api-key: K`) gets a 401.

@@ -1,4 +1,7 @@
-"""`python -m tianshu_core.model_server [--host H] [--port P] [--context-tokens M]`: serve until Ctrl-C."""
+"""`python -m tianshu_core.local.model_server [--host H] [--port P] [--context-tokens M]`.
+
+Serves until Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ async def _serve(host: str, port: int, context_tokens: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Serve the scripted model server until SIGINT or SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m tianshu_core.model_server",
+        prog="python -m tianshu_core.local.model_server",
         description="A scripted stand-in for the OpenAI and Anthropic APIs (see the package doc).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

