@@ -1,5 +1,6 @@
 # Tianshu for Python. `make demo` and `make test` need only Python 3.11+: no Docker, no Postgres
-# (an embedded one is started when none is configured). See `make help`.
+# (an embedded one is started when none is configured), no uv (pip fetches the one uv.lock names).
+# See `make help`.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -8,34 +9,51 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Touched after a successful install; reinstall when pyproject.toml is newer.
+UV := $(BIN)/uv
+# uv.lock pins every package, uv included: `make venv` bootstraps that uv with the venv's pip, then
+# `uv sync --locked` installs exactly the lock (and fails when pyproject.toml and the lock disagree).
+UV_VERSION := $(shell sed -n '/^name = "uv"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' uv.lock)
+# Touched after a successful install; reinstall when pyproject.toml or uv.lock is newer.
 STAMP := $(VENV)/.tianshu-dev-installed
 
-.PHONY: help venv test lint typecheck pytest demo dev bench bench-compare fuzz clean
+.PHONY: help venv lock test lint lock-check typecheck pytest demo dev bench bench-compare fuzz clean
 
 help:
 	@echo "make demo           run the approval demo (embedded Postgres unless TIANSHU_DATABASE_URL is set)"
 	@echo "make dev            the service stack here (NATS, Postgres, scheduler, tool runner) until Ctrl-C"
 	@echo "make test           lint, type-check and run the test suite"
-	@echo "make lint           ruff check"
+	@echo "make lint           ruff check, and uv.lock agrees with pyproject.toml"
 	@echo "make typecheck      mypy (strict; configured in pyproject.toml)"
 	@echo "make bench          run the benchmarks (bench/run bench)"
 	@echo "make bench-compare  compare against the stored baseline (bench/run compare)"
 	@echo "make fuzz           fuzz the bus: FUZZ_EXAMPLES bad messages (500), FUZZ_SEED to replay a run"
-	@echo "make venv           create $(VENV) and install the project with its dev extras"
+	@echo "make venv           create $(VENV) and install the project with its dev extras from uv.lock"
+	@echo "make lock           update uv.lock after changing pyproject.toml (uv lock)"
 	@echo "make clean          remove caches and build output (keeps $(VENV))"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra dev --quiet
+	@touch $@
+
+# The venv and the uv that the lock names, from PyPI through pip: all that needs no uv yet.
+$(UV):
 	@test -x $(BIN)/python || { \
 		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ needed: make PYTHON=python3.11")' \
 		&& $(PYTHON) -m venv $(VENV); }
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	@touch $@
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
 
-lint: venv
+# After a change to pyproject.toml: resolve again, keeping the locked versions that still fit
+# (`$(UV) lock --upgrade-package NAME` moves one on).
+lock: | $(UV)
+	$(UV) lock
+
+lint: venv lock-check
 	$(BIN)/ruff check .
+
+lock-check: | $(UV)
+	$(UV) lock --check
 
 typecheck: venv
 	$(BIN)/mypy
