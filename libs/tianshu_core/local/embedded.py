@@ -3,8 +3,10 @@
 `database_url()` returns ``TIANSHU_DATABASE_URL`` when it is set. Otherwise it starts (or reuses) a
 Postgres server whose data lives in ``TIANSHU_EMBEDDED_PGDATA`` (default ``~/.cache/tianshu/pgdata``),
 listening on a free TCP port of 127.0.0.1, and returns ``postgresql://postgres@127.0.0.1:<port>/postgres``.
-The server outlives the process that started it, so the next call reuses it; `stop()` or
-``python -m tianshu_core.embedded stop`` ends it.
+The server outlives the process that started it, so the next call reuses it; every checkout and
+virtualenv on the machine that uses the same data directory shares it, whichever started it first.
+`database_url()` says so on stderr; `tianshu embedded status` shows it and `tianshu embedded stop`
+(or `stop()`) ends it.
 
 Postgres refuses to run as root. When we are root, initdb, pg_ctl and the server run as the system
 user ``tianshu`` (created on first use; ``TIANSHU_EMBEDDED_USER`` names another), which owns the
