@@ -585,7 +585,7 @@ def test_the_routes_share_one_sdk_provider_per_model_and_one_limit_per_provider(
     assert cut.llm is not cut_plain.llm  # each route its own retry loop and cool-downs
     busy, tooly = fallback.providers[0].provider, tools.providers[0].provider
     assert busy is not tooly and busy.model == "error:503" and tooly.model == MODELS["tooly"][1]
-    assert busy._limit is not None and busy._limit is tooly._limit  # max_concurrency per provider
+    assert busy.limit is not None and busy.limit is tooly.limit  # max_concurrency per provider
 
 
 def test_check_config_shows_the_routes_and_masks_every_secret(upstream: ModelServer, tmp_path: Path) -> None:

@@ -485,6 +485,19 @@ async def test_max_concurrency_bounds_the_calls_in_flight(
     assert (server.stats.count, server.stats.max_concurrent) == (5, 2)
 
 
+async def test_a_shared_limit_bounds_several_providers_together(
+    server: ModelServer, make: Maker, vendor: Vendor
+) -> None:
+    first = make(vendor, max_concurrency=2)
+    second = make(vendor, limit=first.limit)
+    assert first.limit is not None and second.limit is first.limit
+    calls = [p.complete(ask("text,delay=0.2")) for p in (first, second) for _ in range(3)]
+    assert len(await asyncio.gather(*calls)) == 6
+    assert (server.stats.count, server.stats.max_concurrent) == (6, 2)
+    with pytest.raises(ValueError, match="not both"):
+        make(vendor, max_concurrency=1, limit=first.limit)
+
+
 # -- a tool loop over ctx.llm ----------------------------------------------------------------------
 
 

@@ -105,6 +105,7 @@ class SdkOptions(TypedDict, total=False):
     base_url: str | None
     model: str | None
     max_concurrency: int | None
+    limit: asyncio.Semaphore | None
     timeout_s: float
     context_window: int | None
 
@@ -115,8 +116,9 @@ class SdkProvider(ABC, Generic[Client]):
     `name` names it in errors and spans; `model`, when given, is the upstream model asked for
     (else the request's); `api_keys` are tried in turn (a refused key moves to the next at once;
     all refused is one `LlmError` of class `credentials`); `max_concurrency` bounds the calls in
-    flight in this process; `context_window` (tokens) lets a fallback chain skip this provider
-    for a request that cannot fit.
+    flight in this process, or `limit`, a semaphore shared with other providers (the models of
+    one vendor account, say), bounds them together; `context_window` (tokens) lets a fallback
+    chain skip this provider for a request that cannot fit.
     """
 
     kind = "sdk"
@@ -129,6 +131,7 @@ class SdkProvider(ABC, Generic[Client]):
         base_url: str | None = None,
         model: str | None = None,
         max_concurrency: int | None = None,
+        limit: asyncio.Semaphore | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         context_window: int | None = None,
     ) -> None:
@@ -137,6 +140,8 @@ class SdkProvider(ABC, Generic[Client]):
             raise ValueError(f"provider {name!r}: at least one API key is needed")
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"provider {name!r}: max_concurrency must be at least 1")
+        if max_concurrency is not None and limit is not None:
+            raise ValueError(f"provider {name!r}: give max_concurrency or a shared limit, not both")
         self.name = name
         self.base_url = base_url
         self.model = model
@@ -146,7 +151,9 @@ class SdkProvider(ABC, Generic[Client]):
         self._keys = keys
         self._clients = [self._client(key) for key in keys]
         self._current = 0  # the key that answered last
-        self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self.limit = limit or (asyncio.Semaphore(max_concurrency) if max_concurrency else None)
+        """What bounds this provider's calls in flight (None: nothing); give it to another
+        provider as its `limit` to share it."""
 
     def __repr__(self) -> str:  # never the keys
         return (
@@ -280,10 +287,10 @@ class SdkProvider(ABC, Generic[Client]):
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
-        if self._limit is None:
+        if self.limit is None:
             yield
             return
-        async with self._limit:
+        async with self.limit:
             yield
 
     def _next_key(self, refused: int, span: trace.Span) -> None:

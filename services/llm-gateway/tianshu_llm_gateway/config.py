@@ -259,20 +259,19 @@ class GatewayConfig(_Strict):
     ) -> SdkProvider[Any]:
         provider = self.provider(model.provider)
         kind = OpenAiProvider if provider.kind == "openai" else AnthropicProvider
-        sdk = kind(
+        # One limit for the provider, shared by its models' SDK providers.
+        sibling = next((p for p in made.values() if p.name == provider.name), None)
+        shared = sibling.limit if sibling is not None else None
+        return kind(
             name=provider.name,
             api_keys=keys[provider.name],
             base_url=provider.base_url,
             model=model.upstream_name,
-            max_concurrency=provider.max_concurrency,
+            max_concurrency=None if shared is not None else provider.max_concurrency,
+            limit=shared,
             timeout_s=provider.timeout_s,
             context_window=model.context_window,
         )
-        sibling = next((p for p in made.values() if p.name == provider.name), None)
-        if sibling is not None and provider.max_concurrency is not None:
-            # One limit for the provider, not one per model (SdkProvider makes its own semaphore).
-            sdk._limit = sibling._limit
-        return sdk
 
     # -- the dump -------------------------------------------------------------------------------
 
