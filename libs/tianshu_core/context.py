@@ -215,6 +215,7 @@ class WorkflowContext:
         """Take `name` for this run: its record, if any, checked to be `asked` (see `_recorded`)."""
         if name in self._used:
             raise DuplicateStepError(self.case.case_key, name)
+        serde.require_text(f"the name {name!r}", name)
         self._used.add(name)
         return self._recorded(name, asked)
 
@@ -290,27 +291,37 @@ class WorkflowContext:
         """Run `fn` once and checkpoint its JSON result; on replay return the stored result.
 
         `fn` may be sync or async. The result is returned as JSON data (what a replay returns too),
-        or validated into `returns` (a pydantic model or any type) on both paths.
+        or validated into `returns` (a pydantic model or any type) on both paths. A result that
+        cannot be stored fails the step with `UnstorableValueError`, as an error of `fn` would.
         """
+        return await self._step(name, lambda full: self._produce(full, fn), returns)
+
+    async def _step(self, name: str, produce: Callable[[str], Awaitable[str]], returns: Any) -> Any:
+        """A step whose JSON text `produce(full name)` makes; on replay the stored text."""
         name = self._stage_prefix + name
         entry = self._claim(name, _STEP)
         if entry is not None:
             self.replayed.append(name)
             return self._decode_step(entry, returns)
+
+        async def execute() -> JournalEntry:
+            return await self._append(JournalKind.STEP, name, await produce(name))
+
         entry = await in_span(
-            "tianshu.step",
-            {"tianshu.step": name, "tianshu.case_key": self.case.case_key},
-            lambda: self._execute_step(name, fn),
+            "tianshu.step", {"tianshu.step": name, "tianshu.case_key": self.case.case_key}, execute
         )
         self.executed.append(name)
         return self._decode_step(entry, returns)
 
-    async def _execute_step(self, name: str, fn: Callable[[], Any]) -> JournalEntry:
+    async def _produce(self, name: str, fn: Callable[[], Any]) -> str:
+        """Run a step's body and encode its result: a result that cannot be stored is an error of
+        this attempt, so a retry policy around it retries it like any other."""
         value = fn()
         if inspect.isawaitable(value):
             value = await value
-        text = serde.encode_result(name, value, self._run.config.max_step_result_bytes)
-        return await self._append(JournalKind.STEP, name, text)
+        return serde.encode_result(
+            f"the result of step {name!r}", value, self._run.config.max_step_result_bytes
+        )
 
     def _decode_step(self, entry: JournalEntry, returns: Any) -> Any:
         data = _decode(entry)
@@ -326,13 +337,11 @@ class WorkflowContext:
     async def step_with_retry(
         self, name: str, policy: RetryPolicy, fn: Callable[[], Any], *, returns: Any = None
     ) -> Any:
-        """Like `step`, retrying `fn` under `policy`; only a success is stored."""
-
-        async def attempt() -> Any:
-            value = fn()
-            return await value if inspect.isawaitable(value) else value
-
-        return await self.step(name, lambda: policy.call(f"step {name!r}", attempt), returns=returns)
+        """Like `step`, retrying `fn` under `policy`; only a success is stored (a result that
+        cannot be stored is a failed attempt)."""
+        return await self._step(
+            name, lambda full: policy.call(f"step {full!r}", lambda: self._produce(full, fn)), returns
+        )
 
     def clear_steps(self, names: Sequence[str]) -> Awaitable[None]:
         """Forget the checkpoints of `names` so they run again (stage transitions use this)."""
@@ -413,9 +422,15 @@ class WorkflowContext:
         text = self._journal.state.get(name)
         return default if text is None else serde.loads(text)
 
+    def _state_text(self, what: str, name: str, value: Any) -> str:
+        """The JSON text of a state variable's value; UnstorableValueError (naming the variable)
+        for a name or value no store can keep."""
+        serde.require_text(f"the name of {what} {name!r}", name)
+        return serde.encode_result(f"{what} {name!r}", value, self._run.config.max_step_result_bytes)
+
     async def set_state(self, name: str, value: Any) -> None:
         """Set a case-scoped variable; a replay that writes the same value writes nothing."""
-        text = serde.encode_result(f"state {name}", value, self._run.config.max_step_result_bytes)
+        text = self._state_text("state", name, value)
         if self._journal.state.get(name) == text:
             return
         await self._append(JournalKind.STATE, name, text)
@@ -428,8 +443,9 @@ class WorkflowContext:
         return default if entry is None else entry.data
 
     async def set_session_state(self, name: str, value: Any) -> None:
-        serde.encode_result(f"session state {name}", value, self._run.config.max_step_result_bytes)
-        await _guard(self._run.stores.state.save_session(self.case.session_id, name, value))
+        """Set a variable shared by the cases of this session."""
+        text = self._state_text("session state", name, value)
+        await _guard(self._run.stores.state.save_session(self.case.session_id, name, serde.loads(text)))
 
     # -- events and time ----------------------------------------------------------------------
 
@@ -488,6 +504,7 @@ class WorkflowContext:
         raises `WaitTimeoutError` when no event came in time.
         """
         require_plain(resource_type, "resource type")
+        serde.require_text("the resource id", resource_id)
         name = self._name(name, f"event-{resource_type}-{resource_id}")
         entry = self._claim(name, _EVENT)
         if entry is not None:
@@ -551,6 +568,11 @@ class WorkflowContext:
             return ChildHandle(data["case_key"], data["workflow_code"], name)
         if workflow_code not in self._run.registry:
             raise UnknownWorkflowError(workflow_code, self._run.registry.codes)
+        input = serde.loads(
+            serde.encode_result(
+                f"the input of child {name!r}", input, self._run.config.max_event_payload_bytes
+            )
+        )
         key = require_plain(case_key, "case key") if case_key else child_case_key(self.case.case_key, name)
         now = self._run.clock.now()
         child = Case(
@@ -631,8 +653,12 @@ class WorkflowContext:
     # -- outcome ------------------------------------------------------------------------------
 
     async def finish(self, finished_type: str, description: str = "", output: Any = None) -> Finished:
-        """The case's outcome; return it from the workflow. Persisted when the run ends."""
-        return Finished(finished_type, description, output)
+        """The case's outcome; return it from the workflow. Persisted when the run ends.
+
+        An outcome that cannot be stored raises `UnstorableValueError` here, in the workflow."""
+        finished = Finished(finished_type, description, output)
+        check_outcome(finished, self._run.config.max_step_result_bytes)
+        return finished
 
     def waiting(self, *predicates: PollPredicate) -> Waiting:
         """`Waiting` over the given predicates (the seed's explicit style)."""
@@ -667,6 +693,14 @@ class WorkflowContext:
         return sorted(
             n for n in names if (n, self._generation[n]) in self._journal.records or n in self._used
         )
+
+
+def check_outcome(finished: Finished, limit: int) -> Any:
+    """The JSON form of a case's output; UnstorableValueError when the outcome (its type, its
+    description, its output) cannot be stored, StepResultTooLargeError over `limit` bytes."""
+    serde.require_text("the finished type", finished.finished_type)
+    serde.require_text("the finish description", finished.description)
+    return serde.loads(serde.encode_result("the output of the case", finished.output, limit))
 
 
 def _outcome_dict(o: ChildOutcome) -> dict[str, Any]:

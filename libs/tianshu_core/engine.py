@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import serde
 from .clock import Clock, SystemClock
-from .context import CHILDREN_RESOURCE, StoreFailure, Suspend, WorkflowContext
+from .context import CHILDREN_RESOURCE, StoreFailure, Suspend, WorkflowContext, check_outcome
 from .errors import (
     CaseExistsError,
     CaseInterruptedError,
@@ -49,6 +49,7 @@ from .results import Finished, Waiting, WorkflowResult
 from .stores.protocols import Stores, UsageRow
 from .telemetry import current_traceparent, in_span, tracer
 from .tokens import new_case_key, require_plain
+from .transient import is_refused, is_transient
 from .workflow import WorkflowRegistry, default_registry
 
 if TYPE_CHECKING:
@@ -83,6 +84,23 @@ class EngineConfig:
     max_parallel: int = 32
     tick_batch: int = 100
     probe_waiting: bool = False
+    max_failed_runs: int = 5
+    """A case whose runs fail this many times in a row (not for an outage, nor a refused write)
+    fails with the last error."""
+    failed_run_backoff: float = 1.0
+    """Seconds before a case whose run failed runs again, doubling with each failure in a row."""
+    failed_run_backoff_max: float = 60.0
+    """The longest such wait, in seconds."""
+
+    def __post_init__(self) -> None:
+        if self.max_failed_runs < 1:
+            raise ValueError("max_failed_runs must be at least 1")
+        if self.failed_run_backoff < 0 or self.failed_run_backoff_max < 0:
+            raise ValueError("failed-run backoffs must not be negative")
+
+    def failed_run_delay(self, failures: int) -> float:
+        """How long a case waits after its `failures`-th failed run in a row."""
+        return min(self.failed_run_backoff * 2.0 ** (failures - 1), self.failed_run_backoff_max)
 
 
 CaseListener = Callable[[Case], Awaitable[None]]
@@ -211,7 +229,7 @@ class Engine:
     def _new_case(self, workflow_code: str, input: Any, case_key: str | None, session_id: str | None) -> Case:
         key = require_plain(case_key, "case key") if case_key else new_case_key()
         now = self.clock.now()
-        data = serde.loads(serde.encode_result("input", input, self.config.max_event_payload_bytes))
+        data = serde.loads(serde.encode_result("the case input", input, self.config.max_event_payload_bytes))
         return Case(
             case_key=key,
             session_id=session_id or key,
@@ -319,27 +337,28 @@ class Engine:
 
     async def _run_logged(self, lease: Lease, fresh: bool) -> RunReport:
         case, stores = lease.case, self.stores
-        entries: Sequence[JournalEntry]
-        if fresh:
-            entries = ()
-        elif lease.journal is not None:
-            entries = lease.journal
-        else:
-            entries = await stores.journal.load(case.case_key)
-        run = CaseRun(
-            case,
-            lease.token,
-            stores,
-            self.registry,
-            self.clock,
-            self.config,
-            self.tool_executor,
-            lease.lookahead,
-            self.llm,
-        )
-        ctx = WorkflowContext(run, entries)
+        ctx: WorkflowContext | None = None
         heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
         try:
+            entries: Sequence[JournalEntry]
+            if fresh:
+                entries = ()
+            elif lease.journal is not None:
+                entries = lease.journal
+            else:
+                entries = await stores.journal.load(case.case_key)
+            run = CaseRun(
+                case,
+                lease.token,
+                stores,
+                self.registry,
+                self.clock,
+                self.config,
+                self.tool_executor,
+                lease.lookahead,
+                self.llm,
+            )
+            ctx = WorkflowContext(run, entries)
             result: WorkflowResult | BaseException = await self._execute(ctx)
         except asyncio.CancelledError:
             # Shutting down mid-run: hand the case back at once instead of letting the lease expire.
@@ -348,28 +367,77 @@ class Engine:
         except CaseInterruptedError as exc:
             log.info("case %s: %s", case.case_key, exc)
             await self._release_quietly(lease)
-            return RunReport(case.case_key, RunStatus.INTERRUPTED, None, ctx.executed, ctx.replayed)
+            return _report(case.case_key, RunStatus.INTERRUPTED, None, ctx)
         except LeaseLostError as exc:
             log.warning("case %s: %s; abandoning this run", case.case_key, exc)
-            return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
-        except StoreFailure as exc:
-            # The store is out of reach: the case is not at fault. Leave it running; this or
-            # another process runs it again once the lease is free.
-            log.warning("case %s: %s; abandoning this run", case.case_key, exc)
-            await self._release_quietly(lease)
-            return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
+            return _report(case.case_key, RunStatus.LEASE_LOST, None, ctx)
+        except (StoreFailure, Exception) as exc:
+            heartbeat.stop()  # before any write that ends the run: a late renewal would hold the case
+            return await self._run_failed(lease, ctx, exc)
         finally:
             heartbeat.stop()
         try:
             status = await self._persist(ctx, lease, result)
         except LeaseLostError as exc:
             log.warning("case %s: %s; outcome not stored", case.case_key, exc)
-            return RunReport(case.case_key, RunStatus.LEASE_LOST, None, ctx.executed, ctx.replayed)
+            return _report(case.case_key, RunStatus.LEASE_LOST, None, ctx)
         except (StoreFailure, Exception) as exc:
-            log.warning("case %s: outcome not stored (%r); the case runs again later", case.case_key, exc)
+            return await self._run_failed(lease, ctx, exc)
+        return _report(case.case_key, status, case, ctx)
+
+    async def _run_failed(self, lease: Lease, ctx: WorkflowContext | None, exc: BaseException) -> RunReport:
+        """A run that ended without storing its outcome, for a reason outside the workflow's own
+        code: the store (or the bus) failed, or the engine did.
+
+        An outage (`transient.is_transient`) delays the case and spends nothing: the lease is
+        handed back and the case runs again once the store answers. A write the store refused for
+        what it carries (`transient.is_refused`) fails the case at once with that error: the same
+        write would be refused again. Any other failure backs the case off (its lease is held for
+        `failed_run_backoff`, doubling with each failure in a row), and the `max_failed_runs`-th
+        failure in a row fails it with the last error.
+        """
+        case = lease.case
+        cause = exc.cause if isinstance(exc, StoreFailure) else exc
+        if is_transient(cause):
+            log.warning("case %s: %r; the case runs again once the store answers", case.case_key, cause)
             await self._release_quietly(lease)
-            return RunReport(case.case_key, RunStatus.ABANDONED, None, ctx.executed, ctx.replayed)
-        return RunReport(case.case_key, status, case, ctx.executed, ctx.replayed)
+            return _report(case.case_key, RunStatus.ABANDONED, None, ctx)
+        failures = case.failures + 1
+        if is_refused(cause):
+            note = "the store refused this case's write"
+        elif failures >= self.config.max_failed_runs:
+            note = f"the case's run failed {failures} times in a row"
+        else:
+            delay = self.config.failed_run_delay(failures)
+            log.warning(
+                "case %s: run failed (%r), %d of %d failures in a row; it runs again in %.1fs",
+                case.case_key,
+                cause,
+                failures,
+                self.config.max_failed_runs,
+                delay,
+                exc_info=cause,
+            )
+            try:
+                await self.stores.leases.back_off(lease, failures, delay)
+            except Exception as unstored:
+                log.warning(
+                    "case %s: backoff not stored (%r); the lease expires by itself", case.case_key, unstored
+                )
+            return _report(case.case_key, RunStatus.ABANDONED, None, ctx)
+        log.error("case %s: %s (%r); the case fails", case.case_key, note, cause, exc_info=cause)
+        error = ErrorInfo.from_exception(cause)
+        error = error.model_copy(update={"message": f"{note}: {error.message}"})
+        try:
+            status = await self._store_outcome(lease, cause, ctx, error=error)
+        except LeaseLostError as lost:
+            log.warning("case %s: %s; failure not stored", case.case_key, lost)
+            return _report(case.case_key, RunStatus.LEASE_LOST, None, ctx)
+        except (StoreFailure, Exception) as failed:
+            log.warning("case %s: failure not stored (%r); the case runs again later", case.case_key, failed)
+            await self._release_quietly(lease)
+            return _report(case.case_key, RunStatus.ABANDONED, None, ctx)
+        return _report(case.case_key, status, case, ctx)
 
     async def release(self, lease: Lease) -> None:
         """Hand back a lease this engine holds without running its case (say, one a wake took
@@ -412,7 +480,6 @@ class Engine:
     async def _persist(
         self, ctx: WorkflowContext, lease: Lease, result: WorkflowResult | BaseException
     ) -> RunStatus:
-        case, stores, now = ctx.case, self.stores, self.clock.now()
         await ctx.flush()
         if ctx.replayed:
             await ctx._append(  # a record of what this run replayed, for inspection
@@ -420,19 +487,32 @@ class Engine:
                 "replay",
                 serde.dumps({"replayed": ctx.replayed, "executed": ctx.executed}),
             )
-        case.updated_at = now
+        return await self._store_outcome(lease, result, ctx)
+
+    async def _store_outcome(
+        self,
+        lease: Lease,
+        result: WorkflowResult | BaseException,
+        ctx: WorkflowContext | None,
+        *,
+        error: ErrorInfo | None = None,
+    ) -> RunStatus:
+        """Store the case's outcome (and its waits), releasing the lease; then tell whoever
+        waits on it. `error`: how to record a failure, when not as `result` itself."""
+        case, stores = lease.case, self.stores
+        case.updated_at = self.clock.now()
         output: Any = None
         if isinstance(result, Finished):
             try:
-                output = serde.loads(
-                    serde.encode_result("output", result.output, self.config.max_step_result_bytes)
-                )
+                output = check_outcome(result, self.config.max_step_result_bytes)
             except TianshuError as exc:
                 result = exc
         status: RunStatus
         if isinstance(result, BaseException):
             case.execution_state = ExecutionState.FAILED
-            case.error = ErrorInfo.from_exception(result)
+            case.error = error or ErrorInfo.from_exception(result)
+            # An outcome whose save was refused must not be saved again with the failure.
+            case.finished_type = case.finished_description = case.output = None
             status = RunStatus.FAILED
         elif isinstance(result, Finished):
             case.execution_state = ExecutionState.FINISHED
@@ -441,6 +521,7 @@ class Engine:
             case.output = output
             status = RunStatus.FINISHED
         elif isinstance(result, Waiting):
+            assert ctx is not None  # only a workflow waits
             cursors = ctx._journal.cursors
             await stores.waits.replace(
                 case.case_key,
@@ -456,7 +537,18 @@ class Engine:
             case.execution_state = ExecutionState.RUNNING
             status = RunStatus.CONTINUE
         await stores.cases.save(case, lease.token, release=True)
-        if ctx.spawned:
+        try:
+            await self._after_stored(case, result, ctx)
+        except Exception:
+            # The outcome is stored: this run is done whatever the rest does.
+            log.exception("case %s: outcome stored, but telling its waiters failed", case.case_key)
+        return status
+
+    async def _after_stored(
+        self, case: Case, result: WorkflowResult | BaseException, ctx: WorkflowContext | None
+    ) -> None:
+        """Start new children, notify listeners, and wake whoever the stored outcome concerns."""
+        if ctx is not None and ctx.spawned:
             for wake_listener in self._wake_listeners:
                 wake_listener(ctx.spawned)  # new children are runnable: start them now
         if self._listeners:
@@ -467,10 +559,10 @@ class Engine:
             finally:
                 _waiting_on.reset(token)
         if isinstance(result, Waiting):
+            assert ctx is not None
             await self._recheck_waiting(ctx, result)
         elif case.is_terminal and case.parent_key:
             await self._notify_parent(case.parent_key)
-        return status
 
     async def _recheck_waiting(self, ctx: WorkflowContext, waiting: Waiting) -> None:
         """Close the race with a publish that came between the run's last look and its wait row."""
@@ -536,7 +628,8 @@ class Engine:
         listeners are not told of this publish, so that the caller can start the taken ones first.
         """
         require_plain(resource_type, "resource type")
-        size = len(serde.dumps(payload))
+        serde.require_text("the resource id", resource_id)
+        size = len(serde.encode(f"the payload of an event on {resource_type}", payload))
         if size > self.config.max_event_payload_bytes:
             raise PayloadTooLargeError(
                 f"event payload of {size} bytes is over the limit of {self.config.max_event_payload_bytes}"
@@ -685,6 +778,13 @@ class Engine:
                     lambda: self.stores.cases.purge_done_before(done_before, limit=batch)
                 )
         return purged
+
+
+def _report(case_key: str, status: RunStatus, case: Case | None, ctx: WorkflowContext | None) -> RunReport:
+    """What a run did, with the steps it executed and replayed (none if it never started)."""
+    if ctx is None:
+        return RunReport(case_key, status, case)
+    return RunReport(case_key, status, case, ctx.executed, ctx.replayed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import traceback
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,7 +24,23 @@ class ErrorInfo(BaseModel):
         code = exc.code if isinstance(exc, TianshuError) else None
         retryable = exc.retryable if isinstance(exc, TianshuError) else False
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return cls(type=type(exc).__name__, message=str(exc), code=code, retryable=retryable, traceback=tb)
+        return cls(
+            type=type(exc).__name__,
+            message=_storable(str(exc)),
+            code=code,
+            retryable=retryable,
+            traceback=_storable(tb),
+        )
+
+
+def _storable(text: str) -> str:
+    """`text` with what no store can keep (a NUL character, a lone surrogate) written as escapes:
+    an error is stored on its case, and one quoting a bad value must not be refused in turn."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class TianshuError(Exception):
@@ -68,29 +84,35 @@ class DuplicateStepError(TianshuError):
         self.name = name
 
 
-class StepResultNotSerializableError(TianshuError):
-    """A step returned something that cannot be stored as JSON."""
+class UnstorableValueError(TianshuError):
+    """A value no store can keep: not JSON, or JSON that Postgres refuses (a NUL character in a
+    string or key, NaN or an infinity, an integer beyond 64 bits, a lone surrogate). Raised where
+    the value was made (a step's result, a state variable, an outcome, a child's input, an event),
+    naming it and the reason."""
 
-    code = "step_result_not_serializable"
+    code = "unstorable_value"
 
-    def __init__(self, name: str, value: Any, cause: BaseException) -> None:
-        super().__init__(
-            f"step {name!r} returned a {type(value).__name__}, which cannot be stored as JSON: {cause}"
-        )
-        self.name = name
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what} cannot be stored: {reason}")
+        self.what = what
+        self.reason = reason
+
+
+StepResultNotSerializableError = UnstorableValueError
+"""The former name of `UnstorableValueError`, kept so that existing `except` clauses still work."""
 
 
 class StepResultTooLargeError(TianshuError):
-    """A step's result is larger than the configured limit."""
+    """A step's result (or another stored value) is larger than the configured limit."""
 
     code = "step_result_too_large"
 
-    def __init__(self, name: str, size: int, limit: int) -> None:
+    def __init__(self, what: str, size: int, limit: int) -> None:
         super().__init__(
-            f"step {name!r} returned {size} bytes of JSON, over the limit of {limit} bytes "
-            "(EngineConfig.max_step_result_bytes); store large data elsewhere and return a reference"
+            f"{what} is {size} bytes of JSON, over the limit of {limit} bytes; "
+            "store large data elsewhere and keep a reference"
         )
-        self.name = name
+        self.what = what
         self.size = size
         self.limit = limit
 

@@ -56,6 +56,9 @@ class Case(BaseModel):
     trace_parent: str | None = None
     """The W3C `traceparent` of the span that started the case, when tracing was on: every run
     of the case is a span in that trace (and links to what woke it)."""
+    failures: int = 0
+    """Runs in a row that failed for a reason that was neither the workflow's own error nor an
+    outage (the engine's per-case budget, `EngineConfig.max_failed_runs`); a stored outcome resets it."""
 
     @property
     def is_active(self) -> bool:

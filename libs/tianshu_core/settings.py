@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(default=30.0, gt=0)
     event_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     history_retention_s: float | None = Field(default=None, description="Unset: keep case history forever.")
+    max_failed_runs: int = Field(
+        default=5,
+        ge=1,
+        description="A case whose runs fail this many times in a row for a reason that is neither the "
+        "workflow's own error nor an outage (a store error such as a deadlock or a statement timeout, "
+        "a bug) fails with the last error. Outages never count.",
+    )
+    failed_run_backoff_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Wait before such a case runs again; doubles with each failure in a row.",
+    )
+    failed_run_backoff_max_s: float = Field(default=60.0, ge=0, description="The longest such wait.")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -45,4 +58,7 @@ class Settings(BaseSettings):
             history_retention=(
                 timedelta(seconds=self.history_retention_s) if self.history_retention_s is not None else None
             ),
+            max_failed_runs=self.max_failed_runs,
+            failed_run_backoff=self.failed_run_backoff_s,
+            failed_run_backoff_max=self.failed_run_backoff_max_s,
         )

@@ -1,10 +1,12 @@
-"""One answer to "is this failure an outage?", for the store's retries and every message worker.
+"""One answer to "is this failure an outage?", for the store's retries, the engine and every
+message worker; and to "did the store refuse this work for what it carries?".
 
 A transient failure says nothing about the work itself: the same work may succeed later, once
 Postgres or NATS answers again. The stores retry such failures a few times; a message worker
 holds the message and tries again for as long as the outage lasts, without spending the
 message's delivery budget. Anything else is the work's own fault (a value refused, a bug) and
-must not be retried without end.
+must not be retried without end. A refusal is the clearest such fault: the store judged the
+write itself (a value it cannot keep, a constraint violated), so the same write can never succeed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncpg
 import nats.errors
 import nats.js.errors
 
-from .errors import TianshuError
+from .errors import TianshuError, UnstorableValueError
 
 # SQLSTATE classes worth retrying: 08 connection exception, 53 insufficient resources (e.g. too
 # many connections), 57 operator intervention (admin shutdown, cannot connect now).
@@ -21,6 +23,10 @@ _TRANSIENT_CLASSES = ("08", "53", "57")
 # 57014 is query_canceled: a statement_timeout or an explicit cancel. Running the same statement
 # again would most likely time out again and only add load, so it is not retried.
 _NOT_TRANSIENT = frozenset({"57014"})
+# SQLSTATE classes of a statement refused for what it carries: 22 data exception (a value the
+# column cannot keep: a NUL character in text or jsonb, a lone surrogate, a number out of range),
+# 23 integrity constraint violation.
+_REFUSED_CLASSES = ("22", "23")
 
 # A closed connection, as asyncpg words it; "pool is closed/closing" is our own shutdown. A pooled
 # connection that closes is taken back by the pool at once ("released back to the pool"): one
@@ -84,3 +90,13 @@ def _is_transient_leaf(exc: BaseException) -> bool:
         # 503: JetStream not ready (a server starting, no quorum); anything else is about the request.
         return exc.code == 503
     return is_transient_postgres(exc)
+
+
+def is_refused(exc: BaseException) -> bool:
+    """True when the store refused the work for what it carries (SQLSTATE classes 22 and 23, or a
+    value the engine found it could not store): retrying the same write can never succeed."""
+    if isinstance(exc, UnstorableValueError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in _REFUSED_CLASSES
+    return False

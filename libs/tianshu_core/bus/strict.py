@@ -11,12 +11,12 @@ import math
 import re
 from typing import Any
 
+from ..serde import NUL_ESCAPE, nul_path
+
 # Python's json (and pydantic's parser) read these; RFC 8259 does not allow them.
 _CONSTANTS = (b"NaN", b"Infinity")
 # A number that may lie beyond a 64-bit float (1e400 reads as infinity, then is written as null).
 _HUGE_NUMBER = re.compile(rb"[eE]\+?\d{3}|\d{300}")
-# JSON writes a NUL character in a string as \u0000 (a raw NUL byte is not valid JSON at all).
-_NUL_ESCAPE = b"\\u0000"
 
 
 class _NotStrictError(ValueError):
@@ -66,27 +66,11 @@ def out_of_range_number(data: bytes) -> str | None:
 def holds_nul(data: bytes) -> bool:
     """True when a string in the JSON body (a key or a value) holds a NUL character, which
     Postgres' text and jsonb refuse (`\\u0000`)."""
-    if _NUL_ESCAPE not in data:
+    # JSON writes a NUL character as \u0000 (a raw NUL byte is not valid JSON at all).
+    if NUL_ESCAPE not in data:
         return False
     try:
         value = json.loads(data)
     except ValueError:
         return False  # not JSON: its own reason
-    return _nul_in(value)
-
-
-def _nul_in(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            for key, inner in item.items():
-                if "\x00" in key:
-                    return True
-                stack.append(inner)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+    return nul_path(value) is not None

@@ -149,6 +149,7 @@ class InMemoryCaseStore:
         self._db.fenced(case.case_key, token)
         # The lifecycle belongs to the operator: a pause or cancel during the run stays.
         case.lifecycle_state = self._db.cases[case.case_key].lifecycle_state
+        case.failures = 0
         self._db.cases[case.case_key] = _copy(case)
         if case.is_terminal:
             for key in [k for k in self._db.timers if k[0] == case.case_key]:
@@ -243,6 +244,12 @@ class InMemoryLeaseStore:
         row = self._db.leases.get(lease.case_key)
         if row is not None and row.token == lease.token:
             row.owner, row.expires_at = None, None
+
+    async def back_off(self, lease: Lease, failures: int, delay: float) -> None:
+        row = self._db.leases.get(lease.case_key)
+        if row is not None and row.token == lease.token:
+            row.owner, row.expires_at = None, self._db.clock.now() + timedelta(seconds=delay)
+            self._db.cases[lease.case_key].failures = failures
 
 
 class InMemoryJournalStore:

@@ -58,7 +58,7 @@ class CaseStore(Protocol):
     async def save(self, case: Case, token: int, *, release: bool = False) -> None:
         """Write the case as its lease holder (raises LeaseLostError if fenced out). The stored
         lifecycle is kept (it is the operator's) and copied into `case`. A save that ends the case
-        (finished or failed) drops its timers."""
+        (finished or failed) drops its timers. A save stores an outcome: it resets `failures`."""
         ...
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool: ...
@@ -94,6 +94,10 @@ class LeaseStore(Protocol):
 
     async def renew(self, lease: Lease, ttl: float) -> bool: ...
     async def release(self, lease: Lease) -> None: ...
+    async def back_off(self, lease: Lease, failures: int, delay: float) -> None:
+        """Hand the lease back so that nobody takes the case for `delay` seconds (the store's
+        clock), recording its `failures` in a row (no-op when the token is no longer current)."""
+        ...
 
 
 class JournalStore(Protocol):

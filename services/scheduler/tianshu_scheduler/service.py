@@ -78,7 +78,7 @@ from tianshu_core.bus.llm import NatsLlmClient
 from tianshu_core.bus.shutdown import Stoppable
 from tianshu_core.bus.tools import NatsToolExecutor
 from tianshu_core.engine import waiting_on
-from tianshu_core.errors import StepResultNotSerializableError
+from tianshu_core.errors import UnstorableValueError
 from tianshu_core.llm import LLM_RESULT_RESOURCE
 from tianshu_core.stores.protocols import UsageRow
 from tianshu_core.telemetry import trace_id_of
@@ -417,7 +417,7 @@ class Scheduler:
             case = await engine.start_case(
                 msg.workflow_code, msg.input, case_key=key, session_id=msg.session_id
             )
-        except StepResultNotSerializableError as exc:  # an integer over 64 bits in the input
+        except UnstorableValueError as exc:  # say, an integer over 64 bits in the input
             raise _unstorable(exc, case_key=key) from exc
         except TianshuError as exc:
             if exc.retryable:
@@ -479,6 +479,8 @@ class Scheduler:
             published = await engine.publish_event(
                 resource_type, resource_id, payload, event_id=event_id, take=self._free_runs()
             )
+        except UnstorableValueError as exc:
+            raise _unstorable(exc) from exc
         except TianshuError as exc:
             if exc.retryable:
                 raise
@@ -562,6 +564,8 @@ class Scheduler:
             published = await engine.publish_event(
                 resource, call_id, payload, event_id=call_id, take=self._free_runs(), usage=usage
             )
+        except UnstorableValueError as exc:
+            raise _unstorable(exc, case_key=case_key) from exc
         except TianshuError as exc:
             if exc.retryable:
                 raise

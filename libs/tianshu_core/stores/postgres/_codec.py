@@ -78,7 +78,7 @@ def case_args(case: Case) -> tuple[Any, ...]:
 
 
 def case_from_row(row: Record) -> Case:
-    """A Case from a row holding at least CASE_COLUMNS and trace_parent."""
+    """A Case from a row holding at least CASE_COLUMNS, trace_parent and failures."""
     return Case.model_validate(
         {
             "case_key": row["case_key"],
@@ -98,6 +98,7 @@ def case_from_row(row: Record) -> Case:
             "created_at": row["created_at"],
             "updated_at": row["updated_at"],
             "trace_parent": row["trace_parent"],
+            "failures": row["failures"],
         }
     )
 

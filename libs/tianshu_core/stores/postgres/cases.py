@@ -31,10 +31,11 @@ INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent) VALUES ({CASE_VALUES}, 
 ON CONFLICT (case_key) DO UPDATE SET {CASE_SET}, trace_parent = EXCLUDED.trace_parent
 """
 # A save that ends the case (finished or failed) also drops its timers, which could only wake a
-# case that has nothing left to do; only when the fenced UPDATE went through.
+# case that has nothing left to do; only when the fenced UPDATE went through. A save stores an
+# outcome, so the count of failed runs in a row starts again.
 _SAVE_TEMPLATE = """
 WITH saved AS (
-    UPDATE tianshu_cases SET {set_list}
+    UPDATE tianshu_cases SET {set_list}, failures = 0
     WHERE case_key = $1 AND lease_token = $16
     RETURNING lifecycle, execution_state
 ), timers AS (
@@ -184,6 +185,7 @@ class PostgresCaseStore:
         if lifecycle is None:
             raise LeaseLostError(case.case_key, token)
         case.lifecycle_state = Lifecycle(lifecycle)
+        case.failures = 0
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool:
         """Set what an operator asked of the case; False when there is no such case."""
@@ -243,7 +245,7 @@ class PostgresCaseStore:
 class PostgresLeaseStore:
     """Leases on `tianshu_cases` rows, by the database clock, with a growing fencing token.
 
-    Retries: `renew` and `release` are idempotent. A retried `acquire` is safe because its only
+    Retries: `renew`, `release` and `back_off` are idempotent. A retried `acquire` is safe because its only
     possible wrong answer is None (the first attempt took the lease and the retry sees it held),
     which delays the case by one TTL and never lets two holders run it. A retried
     `create_leased` that finds the key taken returns the lease when the row is exactly its own
@@ -301,4 +303,18 @@ class PostgresLeaseStore:
             "WHERE case_key = $1 AND lease_token = $2",
             lease.case_key,
             lease.token,
+        )
+
+    async def back_off(self, lease: Lease, failures: int, delay: float) -> None:
+        """Free the case for others only after `delay` seconds (by the database's clock), with its
+        count of failed runs (no-op when the token is no longer current)."""
+        await self._db.execute(
+            "lease back_off",
+            "UPDATE tianshu_cases SET lease_owner = NULL, failures = $3, "
+            "lease_expires_at = now() + $4::float8 * interval '1 second' "
+            "WHERE case_key = $1 AND lease_token = $2",
+            lease.case_key,
+            lease.token,
+            failures,
+            float(delay),
         )
