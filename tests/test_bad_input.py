@@ -17,9 +17,9 @@ from tianshu_core import (
     ExecutionState,
     InvalidTokenError,
     JournalEntry,
-    StepResultNotSerializableError,
     StepResultTooLargeError,
     UnknownWorkflowError,
+    UnstorableValueError,
     WorkflowContext,
     WorkflowRegistry,
     WorkflowResult,
@@ -58,7 +58,7 @@ async def test_registering_a_code_twice_is_refused() -> None:
 async def test_non_serialisable_step_result_fails_the_case_clearly(backend: Backend) -> None:
     case = await backend.engine(registry(object())).run_workflow("emit")
     assert case.execution_state is ExecutionState.FAILED
-    assert case.error is not None and case.error.type == StepResultNotSerializableError.__name__
+    assert case.error is not None and case.error.type == UnstorableValueError.__name__
     assert "'emit'" in case.error.message and "object" in case.error.message
     history = await backend.stores.journal.load(case.case_key)
     assert [e.name for e in history] == ["ok"]

@@ -294,6 +294,31 @@ async def test_save_with_release_frees_the_case(stores: Stores) -> None:
     assert again is not None and again.token > lease.token
 
 
+async def test_back_off_holds_the_case_and_counts_its_failures_until_a_save(stores: Stores) -> None:
+    sid = uid("sess")
+    case = make_case(sid)
+    await stores.cases.insert(case)
+    lease = await stores.leases.acquire(case.case_key, "a", 30)
+    assert lease is not None and lease.case.failures == 0
+    await stores.leases.back_off(lease, 2, 60)
+    assert await stores.cases.runnable(session_id=sid) == []  # nobody takes it while it backs off
+    assert await stores.leases.acquire(case.case_key, "b", 30) is None
+    stored = await stores.cases.get_by_key(case.case_key)
+    assert stored is not None and stored.failures == 2
+    await stores.leases.back_off(lease, 3, 0)  # the same holder: its latest word counts
+    assert await stores.cases.runnable(session_id=sid) == [case.case_key]
+    again = await stores.leases.acquire(case.case_key, "b", 30)
+    assert again is not None and again.case.failures == 3
+    await stores.leases.back_off(lease, 9, 0)  # a stale holder changes nothing
+    held = await stores.cases.get_by_key(case.case_key)
+    assert held is not None and held.failures == 3
+    assert await stores.leases.acquire(case.case_key, "c", 30) is None
+    await stores.cases.save(again.case, again.token, release=True)  # an outcome: the count restarts
+    assert again.case.failures == 0
+    saved = await stores.cases.get_by_key(case.case_key)
+    assert saved is not None and saved.failures == 0
+
+
 async def test_save_of_missing_case_is_refused(stores: Stores) -> None:
     with pytest.raises(LeaseLostError):
         await stores.cases.save(make_case(), 1)

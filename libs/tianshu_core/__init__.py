@@ -52,11 +52,11 @@ from .errors import (
     MigrationError,
     NonDeterminismError,
     PayloadTooLargeError,
-    StepResultNotSerializableError,
     StepResultTooLargeError,
     StoreUnavailableError,
     TianshuError,
     UnknownWorkflowError,
+    UnstorableValueError,
 )
 from .llm import (
     AnthropicProvider,
@@ -230,7 +230,6 @@ __all__ = [
     "StageOutcome",
     "StateEntry",
     "StateStore",
-    "StepResultNotSerializableError",
     "StepResultTooLargeError",
     "StoreUnavailableError",
     "Stores",
@@ -253,6 +252,7 @@ __all__ = [
     "ToolSpec",
     "Toolset",
     "UnknownWorkflowError",
+    "UnstorableValueError",
     "Usage",
     "WaitStore",
     "WaitTimeoutError",

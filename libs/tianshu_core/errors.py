@@ -98,10 +98,6 @@ class UnstorableValueError(TianshuError):
         self.reason = reason
 
 
-StepResultNotSerializableError = UnstorableValueError
-"""The former name of `UnstorableValueError`, kept so that existing `except` clauses still work."""
-
-
 class StepResultTooLargeError(TianshuError):
     """A step's result (or another stored value) is larger than the configured limit."""
 
