@@ -398,20 +398,39 @@ class Engine:
         """
         case = lease.case
         cause = exc.cause if isinstance(exc, StoreFailure) else exc
-        if is_transient(cause):
-            log.warning("case %s: %r; the case runs again once the store answers", case.case_key, cause)
-            await self._release_quietly(lease)
-            return _report(case.case_key, RunStatus.ABANDONED, None, ctx)
         failures = case.failures + 1
-        if is_refused(cause):
-            note = "the store refused this case's write"
-        elif failures >= self.config.max_failed_runs:
-            note = f"the case's run failed {failures} times in a row"
+        if is_transient(cause):
+            kind = "outage"
+        elif is_refused(cause):
+            kind = "refused"
         else:
+            kind = "retry" if failures < self.config.max_failed_runs else "budget_spent"
+        with tracer.start_as_current_span(
+            "tianshu.run_failed",
+            attributes={
+                "tianshu.case_key": case.case_key,
+                "tianshu.failure": kind,
+                "tianshu.failures": failures,
+            },
+        ) as span:
+            span.record_exception(cause)
+            status = await self._settle_failed(lease, ctx, cause, kind, failures)
+        return _report(case.case_key, status, case if status is RunStatus.FAILED else None, ctx)
+
+    async def _settle_failed(
+        self, lease: Lease, ctx: WorkflowContext | None, cause: BaseException, kind: str, failures: int
+    ) -> RunStatus:
+        """Act on a failed run as `_run_failed` judged it (`kind`)."""
+        key = lease.case_key
+        if kind == "outage":
+            log.warning("case %s: %r; the case runs again once the store answers", key, cause)
+            await self._release_quietly(lease)
+            return RunStatus.ABANDONED
+        if kind == "retry":
             delay = self.config.failed_run_delay(failures)
             log.warning(
                 "case %s: run failed (%r), %d of %d failures in a row; it runs again in %.1fs",
-                case.case_key,
+                key,
                 cause,
                 failures,
                 self.config.max_failed_runs,
@@ -421,23 +440,25 @@ class Engine:
             try:
                 await self.stores.leases.back_off(lease, failures, delay)
             except Exception as unstored:
-                log.warning(
-                    "case %s: backoff not stored (%r); the lease expires by itself", case.case_key, unstored
-                )
-            return _report(case.case_key, RunStatus.ABANDONED, None, ctx)
-        log.error("case %s: %s (%r); the case fails", case.case_key, note, cause, exc_info=cause)
+                log.warning("case %s: backoff not stored (%r); the lease expires by itself", key, unstored)
+            return RunStatus.ABANDONED
+        note = (
+            "the store refused this case's write"
+            if kind == "refused"
+            else f"the case's run failed {failures} times in a row"
+        )
+        log.error("case %s: %s (%r); the case fails", key, note, cause, exc_info=cause)
         error = ErrorInfo.from_exception(cause)
         error = error.model_copy(update={"message": f"{note}: {error.message}"})
         try:
-            status = await self._store_outcome(lease, cause, ctx, error=error)
+            return await self._store_outcome(lease, cause, ctx, error=error)
         except LeaseLostError as lost:
-            log.warning("case %s: %s; failure not stored", case.case_key, lost)
-            return _report(case.case_key, RunStatus.LEASE_LOST, None, ctx)
+            log.warning("case %s: %s; failure not stored", key, lost)
+            return RunStatus.LEASE_LOST
         except (StoreFailure, Exception) as failed:
-            log.warning("case %s: failure not stored (%r); the case runs again later", case.case_key, failed)
+            log.warning("case %s: failure not stored (%r); the case runs again later", key, failed)
             await self._release_quietly(lease)
-            return _report(case.case_key, RunStatus.ABANDONED, None, ctx)
-        return _report(case.case_key, status, case, ctx)
+            return RunStatus.ABANDONED
 
     async def release(self, lease: Lease) -> None:
         """Hand back a lease this engine holds without running its case (say, one a wake took
