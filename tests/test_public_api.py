@@ -34,6 +34,7 @@ EXPECTED = {
     "ExecutionMode",
     "ExecutionState",
     "FatalStepError",
+    "Fence",
     "Finished",
     "InvalidTokenError",
     "JournalEntry",

@@ -25,7 +25,7 @@ from .errors import (
     TianshuError,
     UnknownWorkflowError,
 )
-from .models import Case, ExecutionState, JournalEntry, JournalKind, PollPredicate, Timer
+from .models import Case, ExecutionState, Fence, JournalEntry, JournalKind, PollPredicate, Timer
 from .results import Finished, Waiting, WorkflowResult
 from .retry import RetryPolicy
 from .telemetry import current_traceparent, in_span
@@ -196,6 +196,7 @@ class WorkflowContext:
         self._auto: dict[str, int] = defaultdict(int)
         self._stage_prefix = ""
         self._deferred: list[JournalEntry] = []
+        self._fence = Fence(run.case.case_key, run.token)
         self.spawned: list[str] = []
         self.executed: list[str] = []
         self.replayed: list[str] = []
@@ -258,13 +259,25 @@ class WorkflowContext:
             journal.records[(name, self._generation[name])] = entry
         return entry
 
+    async def _write(self, write: Callable[[], Awaitable[T]]) -> T:
+        """Make one of the run's writes (fenced by its lease token in the store): only while the
+        run holds its lease, and a refusal stops the run at its next durable call too."""
+        keeper = self._run.keeper
+        await keeper.hold()
+        try:
+            return await _guard(write())
+        except LeaseLostError as exc:
+            keeper.lose(exc)
+            raise
+
     async def _append(self, kind: JournalKind, name: str, data: str) -> JournalEntry:
         entry = self._entry(kind, name, data)
+        journal = self._run.stores.journal
         if self._deferred:
             batch, self._deferred = [*self._deferred, entry], []
-            await _guard(self._run.stores.journal.append_many(batch))
+            await self._write(lambda: journal.append_many(batch))
         else:
-            await _guard(self._run.stores.journal.append(entry))
+            await self._write(lambda: journal.append(entry))
         return entry
 
     def _defer(self, kind: JournalKind, name: str, data: str) -> None:
@@ -276,7 +289,7 @@ class WorkflowContext:
         """Make deferred entries durable (the engine calls this before storing an outcome)."""
         if self._deferred:
             batch, self._deferred = self._deferred, []
-            await _guard(self._run.stores.journal.append_many(batch))
+            await self._write(lambda: self._run.stores.journal.append_many(batch))
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -316,6 +329,7 @@ class WorkflowContext:
     async def _produce(self, name: str, fn: Callable[[], Any]) -> str:
         """Run a step's body and encode its result: a result that cannot be stored is an error of
         this attempt, so a retry policy around it retries it like any other."""
+        await self._run.keeper.hold()  # no body runs whose result could not be stored
         value = fn()
         if inspect.isawaitable(value):
             value = await value
@@ -435,7 +449,10 @@ class WorkflowContext:
             return
         await self._append(JournalKind.STATE, name, text)
         self._journal.state[name] = text
-        await _guard(self._run.stores.state.save(self.case.case_key, name, serde.loads(text)))
+        data = serde.loads(text)
+        await self._write(
+            lambda: self._run.stores.state.save(self.case.case_key, name, data, token=self._run.token)
+        )
 
     async def get_session_state(self, name: str, default: Any = None) -> Any:
         """A variable shared by the cases of this session (last write wins, no locking)."""
@@ -444,8 +461,10 @@ class WorkflowContext:
 
     async def set_session_state(self, name: str, value: Any) -> None:
         """Set a variable shared by the cases of this session."""
-        text = self._state_text("session state", name, value)
-        await _guard(self._run.stores.state.save_session(self.case.session_id, name, serde.loads(text)))
+        data = serde.loads(self._state_text("session state", name, value))
+        await self._write(
+            lambda: self._run.stores.state.save_session(self.case.session_id, name, data, fence=self._fence)
+        )
 
     # -- events and time ----------------------------------------------------------------------
 
@@ -540,7 +559,8 @@ class WorkflowContext:
             return datetime.fromisoformat(_decode(entry)["fire_at"])
         fire_at = self._run.clock.now() + timedelta(seconds=seconds)
         await self._append(JournalKind.TIMER, name, serde.dumps({"fire_at": fire_at.isoformat()}))
-        await _guard(self._run.stores.timers.schedule(Timer(self.case.case_key, name, fire_at)))
+        timer = Timer(self.case.case_key, name, fire_at)
+        await self._write(lambda: self._run.stores.timers.schedule(timer, token=self._run.token))
         return fire_at
 
     async def sleep(self, seconds: float, *, name: str | None = None) -> None:
@@ -586,7 +606,7 @@ class WorkflowContext:
             trace_parent=current_traceparent(),  # the child's runs join this run's trace
         )
         # Insert first, then journal: a crash in between re-inserts the same key, a no-op.
-        await _guard(self._run.stores.cases.insert(child))
+        await self._write(lambda: self._run.stores.cases.insert(child, fence=self._fence))
         await self._append(
             JournalKind.CHILD, name, serde.dumps({"case_key": key, "workflow_code": workflow_code})
         )

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -177,6 +178,7 @@ class CaseRun:
     registry: WorkflowRegistry
     clock: Clock
     config: EngineConfig
+    keeper: LeaseKeeper
     tool_executor: ToolExecutor | None = None
     lookahead: EventLookahead | None = None
     llm: LlmProvider | None = None
@@ -338,7 +340,7 @@ class Engine:
     async def _run_logged(self, lease: Lease, fresh: bool) -> RunReport:
         case, stores = lease.case, self.stores
         ctx: WorkflowContext | None = None
-        heartbeat = _Heartbeat(stores, lease, self.config.lease_ttl)
+        keeper = LeaseKeeper(stores, lease, self.config.lease_ttl)
         try:
             entries: Sequence[JournalEntry]
             if fresh:
@@ -354,6 +356,7 @@ class Engine:
                 self.registry,
                 self.clock,
                 self.config,
+                keeper,
                 self.tool_executor,
                 lease.lookahead,
                 self.llm,
@@ -372,10 +375,10 @@ class Engine:
             log.warning("case %s: %s; abandoning this run", case.case_key, exc)
             return _report(case.case_key, RunStatus.LEASE_LOST, None, ctx)
         except (StoreFailure, Exception) as exc:
-            heartbeat.stop()  # before any write that ends the run: a late renewal would hold the case
+            keeper.stop()  # before any write that ends the run: a late renewal would hold the case
             return await self._run_failed(lease, ctx, exc)
         finally:
-            heartbeat.stop()
+            keeper.stop()
         try:
             status = await self._persist(ctx, lease, result)
         except LeaseLostError as exc:
@@ -501,6 +504,7 @@ class Engine:
     async def _persist(
         self, ctx: WorkflowContext, lease: Lease, result: WorkflowResult | BaseException
     ) -> RunStatus:
+        await ctx._run.keeper.hold()  # a run that lost its lease stores nothing
         await ctx.flush()
         if ctx.replayed:
             await ctx._append(  # a record of what this run replayed, for inspection
@@ -551,6 +555,7 @@ class Engine:
                     (p.resource_type, p.resource_id): cursors[(p.resource_type, p.resource_id)]
                     for p in result.predicates
                 },
+                token=lease.token,
             )
             case.execution_state = ExecutionState.WAITING
             status = RunStatus.WAITING
@@ -617,9 +622,7 @@ class Engine:
             await self._wake([parent_key])
 
     async def _wake(self, case_keys: Sequence[str]) -> list[str]:
-        woken = await self.stores.cases.mark_runnable(case_keys)
-        for key in woken:
-            await self.stores.waits.delete_by_case(key)
+        woken = await self.stores.cases.mark_runnable(case_keys)  # their waits dropped with it
         if woken:
             for listener in self._wake_listeners:
                 listener(woken)
@@ -815,13 +818,51 @@ class _Suspended(Waiting):
     wake_at: Any = None
 
 
-class _Heartbeat:
-    """Renews a lease every ttl/3 while a run lasts; costs nothing for short runs."""
+class LeaseKeeper:
+    """Keeps a run's lease: renews it every ttl/3 while the run lasts (which costs nothing for
+    short runs), and stops the run at its next durable call once the lease is lost (`hold`).
+
+    The stores refuse every write of a stale holder anyway; this saves the run from executing
+    step bodies whose results could never be stored, after a stall (a long pause of the process,
+    a SIGSTOP, a suspended VM) in which another process took the case.
+    """
 
     def __init__(self, stores: Stores, lease: Lease, ttl: float) -> None:
         self._stores, self._lease, self._ttl = stores, lease, ttl
         self._task: asyncio.Task[None] | None = None
+        # Until then (this process's clock) the lease is surely still ours, without asking: the
+        # store's term runs `ttl` from a renewal it received after we sent it. A third of it is
+        # left as a margin, for clock rates and for a taken lease that waited to be run.
+        self._sure_until = time.monotonic() + self._term
+        self.lost: LeaseLostError | None = None
         self._handle = asyncio.get_running_loop().call_later(ttl / 3, self._start)
+
+    @property
+    def _term(self) -> float:
+        return self._ttl * 2 / 3
+
+    async def hold(self) -> None:
+        """Return while the run holds its lease; raise LeaseLostError (the same one from then on)
+        once it does not. Free within the lease's term; past it (the heartbeat could not run: the
+        process stalled), the lease is renewed first, which finds out whether it is still ours."""
+        if self.lost is not None:
+            raise self.lost
+        if time.monotonic() >= self._sure_until:
+            await self._renew()
+
+    def lose(self, exc: LeaseLostError) -> LeaseLostError:
+        """The lease is lost (a store refused a write of the run, say): every later `hold`
+        raises `exc`, or the loss found first. Returns the error that stands."""
+        if self.lost is None:
+            self.lost = exc
+        return self.lost
+
+    async def _renew(self) -> None:
+        sent = time.monotonic()
+        if await self._stores.leases.renew(self._lease, self._ttl):
+            self._sure_until = max(self._sure_until, sent + self._term)
+            return
+        raise self.lose(LeaseLostError(self._lease.case_key, self._lease.token))
 
     def _start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._beat())
@@ -829,14 +870,16 @@ class _Heartbeat:
     async def _beat(self) -> None:
         while True:
             try:
-                if not await self._stores.leases.renew(self._lease, self._ttl):
-                    log.warning("case %s: lease lost while running", self._lease.case_key)
-                    return
+                await self._renew()
+            except LeaseLostError:
+                log.warning("case %s: lease lost while running", self._lease.case_key)
+                return
             except Exception:
                 log.exception("case %s: lease renewal failed", self._lease.case_key)
             await asyncio.sleep(self._ttl / 3)
 
     def stop(self) -> None:
+        """Stop renewing (the run has ended); `hold` still answers."""
         self._handle.cancel()
         if self._task is not None:
             self._task.cancel()

@@ -162,6 +162,16 @@ class Lease:
 
 
 @dataclass(slots=True, frozen=True)
+class Fence:
+    """Who makes a write on behalf of a run: the holder of `case_key`'s lease with `token`. A
+    store refuses the write (`LeaseLostError`) once the case's token has moved on. Given where
+    the row written is not the case's own (a session variable, a child case)."""
+
+    case_key: str
+    token: int
+
+
+@dataclass(slots=True, frozen=True)
 class EventLookahead:
     """The oldest event on a resource after `after_seq` (None: there is none), read while no
     publish on the resource was in flight: what `next_after(after_seq)` returns from then on."""

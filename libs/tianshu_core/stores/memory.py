@@ -21,6 +21,7 @@ from ..models import (
     Event,
     EventLookahead,
     ExecutionState,
+    Fence,
     JournalEntry,
     Lease,
     Lifecycle,
@@ -59,7 +60,10 @@ class _Db:
         self.timers: dict[tuple[str, str], Timer] = {}
         self.usage: dict[str, UsageRow] = {}  # by call id; purging a case leaves its usage
 
-    def fenced(self, case_key: str, token: int) -> None:
+    def fenced(self, case_key: str, token: int | None) -> None:
+        """Refuse a write made with `token` once the case's lease has moved on (None: unfenced)."""
+        if token is None:
+            return
         row = self.leases.get(case_key)
         if row is None or row.token != token:
             raise LeaseLostError(case_key, token)
@@ -118,7 +122,9 @@ class InMemoryCaseStore:
     def __init__(self, db: _Db) -> None:
         self._db = db
 
-    async def insert(self, case: Case) -> bool:
+    async def insert(self, case: Case, *, fence: Fence | None = None) -> bool:
+        if fence is not None:
+            self._db.fenced(fence.case_key, fence.token)
         if case.case_key in self._db.cases:
             return False
         self._db.cases[case.case_key] = _copy(case)
@@ -173,6 +179,7 @@ class InMemoryCaseStore:
             if case is not None and case.execution_state is ExecutionState.WAITING:
                 case.execution_state = ExecutionState.RUNNING
                 case.updated_at = self._db.clock.now()
+                self._db.drop_waits(key)
                 moved.append(key)
         return moved
 
@@ -293,7 +300,8 @@ class InMemoryStateStore:
     def __init__(self, db: _Db) -> None:
         self._db = db
 
-    async def save(self, case_key: str, name: str, data: Any) -> None:
+    async def save(self, case_key: str, name: str, data: Any, *, token: int | None = None) -> None:
+        self._db.fenced(case_key, token)
         self._db.state[(case_key, name)] = StateEntry(
             case_key=case_key, name=name, data=data, updated_at=self._db.clock.now()
         )
@@ -311,7 +319,11 @@ class InMemoryStateStore:
         for key in [k for k in self._db.state if k[0] == case_key]:
             del self._db.state[key]
 
-    async def save_session(self, session_id: str, name: str, data: Any) -> None:
+    async def save_session(
+        self, session_id: str, name: str, data: Any, *, fence: Fence | None = None
+    ) -> None:
+        if fence is not None:
+            self._db.fenced(fence.case_key, fence.token)
         self._db.session_state[(session_id, name)] = SessionStateEntry(
             session_id=session_id, name=name, data=data, updated_at=self._db.clock.now()
         )
@@ -341,7 +353,10 @@ class InMemoryWaitStore:
         case_key: str,
         predicates: Sequence[PollPredicate],
         after: Mapping[tuple[str, str], int] | None = None,
+        *,
+        token: int | None = None,
     ) -> None:
+        self._db.fenced(case_key, token)
         self._db.drop_waits(case_key)
         if predicates:
             self._db.waits[case_key] = list(predicates)
@@ -474,7 +489,8 @@ class InMemoryTimerStore:
     def __init__(self, db: _Db) -> None:
         self._db = db
 
-    async def schedule(self, timer: Timer) -> None:
+    async def schedule(self, timer: Timer, *, token: int | None = None) -> None:
+        self._db.fenced(timer.case_key, token)
         self._db.timers[(timer.case_key, timer.name)] = timer
 
     async def due(self, now: datetime, *, limit: int = 100) -> list[Timer]:

@@ -1,7 +1,9 @@
 """What the engine persists, as protocols: a new backend implements these and nothing else.
 
-Every write made while running a case carries the lease token it was made under; a store
-refuses it (`LeaseLostError`) once another holder has taken the case (fencing).
+Every write made while running a case carries the lease token it was made under (`token`, or a
+`Fence` where the row written is not the case's own); a store refuses it (`LeaseLostError`), in
+the same statement or transaction that would write it, once another holder has taken the case
+(fencing). Without a token, a write is an admin's: not fenced.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..models import (
     Case,
     CaseFilter,
     Event,
+    Fence,
     JournalEntry,
     Lease,
     Lifecycle,
@@ -41,8 +44,10 @@ class SessionStore(Protocol):
 class CaseStore(Protocol):
     """Cases. `save` is the fenced write used while running; `upsert` is the unfenced admin one."""
 
-    async def insert(self, case: Case) -> bool:
-        """Create the case unless its key exists; True when created."""
+    async def insert(self, case: Case, *, fence: Fence | None = None) -> bool:
+        """Create the case unless its key exists; True when created. With `fence` (a run
+        spawning a child: its own case and token), refused with LeaseLostError, creating nothing,
+        once that case's lease has moved on."""
         ...
 
     async def upsert(self, case: Case) -> None: ...
@@ -63,7 +68,8 @@ class CaseStore(Protocol):
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool: ...
     async def mark_runnable(self, case_keys: Sequence[str]) -> builtins.list[str]:
-        """Move waiting cases to running; returns the keys that moved."""
+        """Move waiting cases to running and drop their waits, at once (so that a waker never
+        drops waits that a later run of the case stored); returns the keys that moved."""
         ...
 
     async def runnable(self, *, limit: int = 100, session_id: str | None = None) -> builtins.list[str]:
@@ -119,12 +125,20 @@ class JournalStore(Protocol):
 class StateStore(Protocol):
     """Case-scoped and session-scoped variables (last write wins, no locking)."""
 
-    async def save(self, case_key: str, name: str, data: Any) -> None: ...
+    async def save(self, case_key: str, name: str, data: Any, *, token: int | None = None) -> None:
+        """Set a case variable; with `token`, as the case's lease holder (fenced)."""
+        ...
+
     async def get(self, case_key: str, name: str) -> StateEntry | None: ...
     async def get_all(self, case_key: str) -> list[StateEntry]: ...
     async def delete(self, case_key: str, name: str) -> None: ...
     async def delete_by_case(self, case_key: str) -> None: ...
-    async def save_session(self, session_id: str, name: str, data: Any) -> None: ...
+    async def save_session(
+        self, session_id: str, name: str, data: Any, *, fence: Fence | None = None
+    ) -> None:
+        """Set a session variable; with `fence`, as the lease holder of the case writing it."""
+        ...
+
     async def get_session(self, session_id: str, name: str) -> SessionStateEntry | None: ...
     async def get_all_session(self, session_id: str) -> list[SessionStateEntry]: ...
     async def delete_session(self, session_id: str, name: str) -> None: ...
@@ -139,9 +153,12 @@ class WaitStore(Protocol):
         case_key: str,
         predicates: Sequence[PollPredicate],
         after: Mapping[tuple[str, str], int] | None = None,
+        *,
+        token: int | None = None,
     ) -> None:
         """Make `predicates` the case's waits. `after`: per resource, the seq of the last event
-        the case consumed there (default 0); a wake's lookahead starts from it."""
+        the case consumed there (default 0); a wake's lookahead starts from it. With `token`, as
+        the case's lease holder: a stale holder neither drops nor adds a wait."""
         ...
 
     async def for_case(self, case_key: str) -> list[PollPredicate]: ...
@@ -216,7 +233,10 @@ class EventStore(Protocol):
 class TimerStore(Protocol):
     """Durable timers by the engine's clock."""
 
-    async def schedule(self, timer: Timer) -> None: ...
+    async def schedule(self, timer: Timer, *, token: int | None = None) -> None:
+        """Create or move the case's timer `timer.name`; with `token`, as the case's lease holder."""
+        ...
+
     async def due(self, now: datetime, *, limit: int = 100) -> list[Timer]: ...
     async def delete(self, case_key: str, name: str) -> None: ...
     async def delete_by_case(self, case_key: str) -> None: ...

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from ...errors import LeaseLostError
-from ...models import Case, CaseFilter, ExecutionState, Lease, Lifecycle
+from ...models import Case, CaseFilter, ExecutionState, Fence, Lease, Lifecycle
 from ._backend import Conn, PgBackend
 from ._codec import (
     CASE_COLUMNS,
@@ -19,12 +19,18 @@ from ._codec import (
     case_from_row,
     journal_from_arrays,
 )
+from ._fence import check_fence, fence_cte, held
 
-# Creating a case also writes its trace_parent ($17), which nothing changes afterwards.
+# Creating a case also writes its trace_parent ($17), which nothing changes afterwards. A run
+# spawning a child creates it as the holder of its own case ($18) with token $19 (fenced).
 _INSERT = f"""
-INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent) VALUES ({CASE_VALUES}, $17)
-ON CONFLICT (case_key) DO NOTHING
-RETURNING case_key
+WITH {fence_cte("$18", "$19")},
+put AS (
+    INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent) SELECT {CASE_VALUES}, $17 WHERE {held("$19")}
+    ON CONFLICT (case_key) DO NOTHING
+    RETURNING case_key
+)
+SELECT (SELECT case_key FROM put) AS created, (SELECT lease_token FROM fence) AS token
 """
 _UPSERT = f"""
 INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent) VALUES ({CASE_VALUES}, $17)
@@ -47,6 +53,18 @@ SELECT lifecycle FROM saved
 _SAVE = _SAVE_TEMPLATE.format(set_list=RUN_SET)
 _SAVE_RELEASE = _SAVE_TEMPLATE.format(set_list=f"{RUN_SET}, lease_owner = NULL, lease_expires_at = NULL")
 _GET = "SELECT * FROM tianshu_cases WHERE case_key = $1"
+# Waking drops the waits in the statement that moves the case, as a publish does (migration
+# 0004): dropped later, they could be the waits of a run that followed the wake.
+_MARK_RUNNABLE = """
+WITH moved AS (
+    UPDATE tianshu_cases SET execution_state = 'running', updated_at = now()
+    WHERE case_key = ANY($1::text[]) AND execution_state = 'waiting'
+    RETURNING case_key
+), dropped AS (
+    DELETE FROM tianshu_waits t USING moved WHERE t.case_key = moved.case_key
+)
+SELECT case_key FROM moved
+"""
 # Lease free = never taken, released, or expired, by the database's clock.
 _FREE = "(lease_expires_at IS NULL OR lease_expires_at < now())"
 _SCAN = f"""
@@ -121,19 +139,24 @@ class PostgresCaseStore:
     def __init__(self, db: PgBackend) -> None:
         self._db = db
 
-    async def insert(self, case: Case) -> bool:
-        """Create the case unless its key exists; True when created."""
-        args = (*case_args(case), case.trace_parent)
+    async def insert(self, case: Case, *, fence: Fence | None = None) -> bool:
+        """Create the case unless its key exists; True when created. With `fence`, as the
+        holder of that case's lease: LeaseLostError, creating nothing, once it has moved on."""
+        holder = (fence.case_key, fence.token) if fence is not None else (None, None)
+        args = (*case_args(case), case.trace_parent, *holder)
 
-        async def op(conn: Conn, attempt: int) -> bool:
-            if await conn.fetchval(_INSERT, *args) is not None:
-                return True
-            if attempt == 1:
-                return False
-            row = await conn.fetchrow(_GET, case.case_key)
-            return row is not None and case_from_row(row) == case
+        async def op(conn: Conn, attempt: int) -> tuple[bool, int | None]:
+            row = await conn.fetchrow(_INSERT, *args)
+            assert row is not None  # a SELECT without FROM always has its row
+            if row["created"] is not None or attempt == 1:
+                return row["created"] is not None, row["token"]
+            found = await conn.fetchrow(_GET, case.case_key)
+            return found is not None and case_from_row(found) == case, row["token"]
 
-        return await self._db.run("case insert", op)
+        created, token = await self._db.run("case insert", op)
+        if fence is not None:
+            check_fence(fence.case_key, fence.token, token)
+        return created
 
     async def upsert(self, case: Case) -> None:
         """Create or overwrite the case (admin write: not fenced, lease untouched)."""
@@ -198,15 +221,12 @@ class PostgresCaseStore:
         return status == "UPDATE 1"
 
     async def mark_runnable(self, case_keys: Sequence[str]) -> builtins.list[str]:
-        """Move waiting cases to running; the keys that moved, in the order given."""
+        """Move waiting cases to running and drop their waits; the keys that moved, in the order
+        given."""
         if not case_keys:
             return []
         rows = await self._db.fetch(
-            "case mark_runnable",
-            "UPDATE tianshu_cases SET execution_state = 'running', updated_at = now() "
-            "WHERE case_key = ANY($1::text[]) AND execution_state = 'waiting' RETURNING case_key",
-            builtins.list(case_keys),
-            idempotent=False,
+            "case mark_runnable", _MARK_RUNNABLE, builtins.list(case_keys), idempotent=False
         )
         moved = {r["case_key"] for r in rows}
         return [k for k in dict.fromkeys(case_keys) if k in moved]

@@ -4,9 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...models import Session, SessionStateEntry, StateEntry
+from ...models import Fence, Session, SessionStateEntry, StateEntry
 from ._backend import PgBackend
 from ._codec import dump, load
+from ._fence import check_fence, fence_cte, held
+
+# Fenced by the case's token ($4), when given; `updated_at` is the database's clock.
+_SAVE = f"""
+WITH {fence_cte("$1", "$4")},
+put AS (
+    INSERT INTO tianshu_case_state (case_key, name, data, updated_at)
+    SELECT $1, $2, $3::jsonb, now() WHERE {held("$4")}
+    ON CONFLICT (case_key, name) DO UPDATE SET data = EXCLUDED.data, updated_at = EXCLUDED.updated_at
+)
+SELECT lease_token FROM fence
+"""
+# Fenced by the writing case ($4) and its token ($5), when given.
+_SAVE_SESSION = f"""
+WITH {fence_cte("$4", "$5")},
+put AS (
+    INSERT INTO tianshu_session_state (session_id, name, data, updated_at)
+    SELECT $1, $2, $3::jsonb, now() WHERE {held("$5")}
+    ON CONFLICT (session_id, name) DO UPDATE SET data = EXCLUDED.data, updated_at = EXCLUDED.updated_at
+)
+SELECT lease_token FROM fence
+"""
 
 
 class PostgresSessionStore:
@@ -60,17 +82,10 @@ class PostgresStateStore:
     def __init__(self, db: PgBackend) -> None:
         self._db = db
 
-    async def save(self, case_key: str, name: str, data: Any) -> None:
-        """Set a case variable."""
-        await self._db.execute(
-            "state save",
-            "INSERT INTO tianshu_case_state (case_key, name, data, updated_at) "
-            "VALUES ($1, $2, $3::jsonb, now()) ON CONFLICT (case_key, name) "
-            "DO UPDATE SET data = EXCLUDED.data, updated_at = EXCLUDED.updated_at",
-            case_key,
-            name,
-            dump(data),
-        )
+    async def save(self, case_key: str, name: str, data: Any, *, token: int | None = None) -> None:
+        """Set a case variable; with `token`, fenced (LeaseLostError once the lease moved on)."""
+        found = await self._db.fetchval("state save", _SAVE, case_key, name, dump(data), token)
+        check_fence(case_key, token, found)
 
     async def get(self, case_key: str, name: str) -> StateEntry | None:
         """A case variable, or None."""
@@ -108,17 +123,16 @@ class PostgresStateStore:
             "state delete_by_case", "DELETE FROM tianshu_case_state WHERE case_key = $1", case_key
         )
 
-    async def save_session(self, session_id: str, name: str, data: Any) -> None:
-        """Set a session variable."""
-        await self._db.execute(
-            "session state save",
-            "INSERT INTO tianshu_session_state (session_id, name, data, updated_at) "
-            "VALUES ($1, $2, $3::jsonb, now()) ON CONFLICT (session_id, name) "
-            "DO UPDATE SET data = EXCLUDED.data, updated_at = EXCLUDED.updated_at",
-            session_id,
-            name,
-            dump(data),
+    async def save_session(
+        self, session_id: str, name: str, data: Any, *, fence: Fence | None = None
+    ) -> None:
+        """Set a session variable; with `fence`, as the lease holder of the case writing it."""
+        key, token = (fence.case_key, fence.token) if fence is not None else (None, None)
+        found = await self._db.fetchval(
+            "session state save", _SAVE_SESSION, session_id, name, dump(data), key, token
         )
+        if fence is not None:
+            check_fence(fence.case_key, fence.token, found)
 
     async def get_session(self, session_id: str, name: str) -> SessionStateEntry | None:
         """A session variable, or None."""

@@ -6,13 +6,43 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from ...models import PollPredicate, Timer
-from ._backend import Conn, PgBackend
+from ._backend import PgBackend
+from ._fence import check_fence, fence_cte, held
+
+# The case's waits become the given ones: rows 1..n are written over (or created), the rows past n
+# dropped. One statement, so that it can be fenced ($7); the two writes touch different rows.
+_REPLACE = f"""
+WITH {fence_cte("$1", "$7")},
+dropped AS (
+    DELETE FROM tianshu_waits WHERE case_key = $1 AND position > cardinality($2::text[]) AND {held("$7")}
+), put AS (
+    INSERT INTO tianshu_waits
+        (case_key, position, resource_type, resource_id, step_name, intent_desc, after_seq)
+    SELECT $1, p.ord::int, p.rt, p.rid, p.step, p.intent, p.after
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+        WITH ORDINALITY AS p(rt, rid, step, intent, after, ord)
+    WHERE {held("$7")}
+    ON CONFLICT (case_key, position) DO UPDATE SET
+        resource_type = EXCLUDED.resource_type, resource_id = EXCLUDED.resource_id,
+        step_name = EXCLUDED.step_name, intent_desc = EXCLUDED.intent_desc, after_seq = EXCLUDED.after_seq
+)
+SELECT lease_token FROM fence
+"""
+_SCHEDULE = f"""
+WITH {fence_cte("$1", "$4")},
+put AS (
+    INSERT INTO tianshu_timers (case_key, name, fire_at) SELECT $1, $2, $3 WHERE {held("$4")}
+    ON CONFLICT (case_key, name) DO UPDATE SET fire_at = EXCLUDED.fire_at
+)
+SELECT lease_token FROM fence
+"""
 
 
 class PostgresWaitStore:
     """Predicates in `tianshu_waits`, one row each, indexed by (resource_type, resource_id).
 
-    `replace` is a delete plus an insert in one transaction, so it is idempotent and retried.
+    `replace` is one statement that makes the case's waits exactly the given ones, so it is
+    idempotent and retried.
     """
 
     def __init__(self, db: PgBackend) -> None:
@@ -23,31 +53,26 @@ class PostgresWaitStore:
         case_key: str,
         predicates: Sequence[PollPredicate],
         after: Mapping[tuple[str, str], int] | None = None,
+        *,
+        token: int | None = None,
     ) -> None:
         """Make `predicates` the case's whole set of waits (empty: no waits). `after` gives, per
-        resource, the seq of the last event the case consumed there (default 0)."""
+        resource, the seq of the last event the case consumed there (default 0). With `token`,
+        fenced: LeaseLostError, and no wait dropped or added, once the lease has moved on."""
         preds = list(predicates)
         cursors = after or {}
-
-        async def op(conn: Conn, _attempt: int) -> None:
-            async with conn.transaction():
-                await conn.execute("DELETE FROM tianshu_waits WHERE case_key = $1", case_key)
-                if preds:
-                    await conn.execute(
-                        "INSERT INTO tianshu_waits "
-                        "(case_key, position, resource_type, resource_id, step_name, intent_desc, after_seq) "
-                        "SELECT $1, p.ord::int, p.rt, p.rid, p.step, p.intent, p.after "
-                        "FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) "
-                        "WITH ORDINALITY AS p(rt, rid, step, intent, after, ord)",
-                        case_key,
-                        [p.resource_type for p in preds],
-                        [p.resource_id for p in preds],
-                        [p.step_name for p in preds],
-                        [p.intent_desc for p in preds],
-                        [cursors.get((p.resource_type, p.resource_id), 0) for p in preds],
-                    )
-
-        await self._db.run("waits replace", op)
+        found = await self._db.fetchval(
+            "waits replace",
+            _REPLACE,
+            case_key,
+            [p.resource_type for p in preds],
+            [p.resource_id for p in preds],
+            [p.step_name for p in preds],
+            [p.intent_desc for p in preds],
+            [cursors.get((p.resource_type, p.resource_id), 0) for p in preds],
+            token,
+        )
+        check_fence(case_key, token, found)
 
     async def for_case(self, case_key: str) -> list[PollPredicate]:
         """The case's predicates, in the order they were given."""
@@ -84,16 +109,12 @@ class PostgresTimerStore:
     def __init__(self, db: PgBackend) -> None:
         self._db = db
 
-    async def schedule(self, timer: Timer) -> None:
-        """Create or move the case's timer `name`."""
-        await self._db.execute(
-            "timer schedule",
-            "INSERT INTO tianshu_timers (case_key, name, fire_at) VALUES ($1, $2, $3) "
-            "ON CONFLICT (case_key, name) DO UPDATE SET fire_at = EXCLUDED.fire_at",
-            timer.case_key,
-            timer.name,
-            timer.fire_at,
+    async def schedule(self, timer: Timer, *, token: int | None = None) -> None:
+        """Create or move the case's timer `name`; with `token`, fenced (LeaseLostError)."""
+        found = await self._db.fetchval(
+            "timer schedule", _SCHEDULE, timer.case_key, timer.name, timer.fire_at, token
         )
+        check_fence(timer.case_key, token, found)
 
     async def due(self, now: datetime, *, limit: int = 100) -> list[Timer]:
         """Timers with fire_at <= now, earliest first."""
