@@ -24,7 +24,9 @@ from tianshu_core.models import (
     Case,
     CaseFilter,
     ExecutionState,
+    Fence,
     JournalEntry,
+    Lease,
     Lifecycle,
     PollPredicate,
     Session,
@@ -255,16 +257,22 @@ async def test_create_leased(stores: Stores) -> None:
     await stores.cases.save(case, lease.token)  # the creator holds it
 
 
-async def test_stale_holder_is_fenced(stores: Stores) -> None:
-    sid = uid("sess")
-    case = make_case(sid)
-    await stores.cases.insert(case)
+async def taken_over(stores: Stores, case: Case) -> tuple[Lease, Lease]:
+    """Leases on `case`: `old`, which expired, and `new`, which took the case after it."""
     old = await stores.leases.acquire(case.case_key, "old", 0.1)
     assert old is not None
     await stores.journal.append(entry(case.case_key, 0, old.token))
     await asyncio.sleep(0.25)
     new = await stores.leases.acquire(case.case_key, "new", 30)
     assert new is not None and new.token > old.token
+    return old, new
+
+
+async def test_stale_holder_is_fenced(stores: Stores) -> None:
+    sid = uid("sess")
+    case = make_case(sid)
+    await stores.cases.insert(case)
+    old, new = await taken_over(stores, case)
 
     with pytest.raises(LeaseLostError):
         await stores.cases.save(case.model_copy(update={"output": "stale"}), old.token)
@@ -279,6 +287,96 @@ async def test_stale_holder_is_fenced(stores: Stores) -> None:
         (0, "s0", old.token),
         (1, "by-new", new.token),
     ]
+
+
+# Every other write a run makes: refused for the stale holder, the live holder's row untouched.
+
+
+async def test_a_stale_holder_neither_drops_nor_adds_waits(stores: Stores) -> None:
+    case = make_case()
+    await stores.cases.insert(case)
+    old, new = await taken_over(stores, case)
+    live = PollPredicate(resource_type=uid("rt"), resource_id=uid("r"), step_name="live")
+    stale = PollPredicate(resource_type=live.resource_type, resource_id=uid("r"), step_name="stale")
+    await stores.waits.replace(case.case_key, [live], token=new.token)
+    for preds in ([stale], [], [live, stale]):
+        with pytest.raises(LeaseLostError):
+            await stores.waits.replace(case.case_key, preds, token=old.token)
+    assert await stores.waits.for_case(case.case_key) == [live]
+    assert await stores.waits.cases_waiting_on(stale.resource_type, stale.resource_id) == []
+    assert await stores.waits.cases_waiting_on(live.resource_type, live.resource_id) == [case.case_key]
+
+
+async def test_a_stale_holder_schedules_no_timer(stores: Stores) -> None:
+    case = make_case()
+    await stores.cases.insert(case)
+    old, new = await taken_over(stores, case)
+    # In the far past, so the due() scan sees only this test's timers before `base + 1 day`.
+    base = datetime(1975, 1, 1, tzinfo=UTC) + timedelta(minutes=uuid.uuid4().int % 100_000)
+    await stores.timers.schedule(Timer(case.case_key, "wake", base), token=new.token)
+    for timer in (
+        Timer(case.case_key, "wake", base + timedelta(hours=1)),
+        Timer(case.case_key, "other", base),
+    ):
+        with pytest.raises(LeaseLostError):
+            await stores.timers.schedule(timer, token=old.token)
+    due = await stores.timers.due(base + timedelta(days=1), limit=10_000)
+    assert [t for t in due if t.case_key == case.case_key] == [Timer(case.case_key, "wake", base)]
+
+
+async def test_a_stale_holder_sets_no_case_variable(stores: Stores) -> None:
+    case = make_case()
+    await stores.cases.insert(case)
+    old, new = await taken_over(stores, case)
+    await stores.state.save(case.case_key, "v", "live", token=new.token)
+    for name in ("v", "w"):
+        with pytest.raises(LeaseLostError):
+            await stores.state.save(case.case_key, name, "stale", token=old.token)
+    assert [(e.name, e.data) for e in await stores.state.get_all(case.case_key)] == [("v", "live")]
+
+
+async def test_a_stale_holder_sets_no_session_variable(stores: Stores) -> None:
+    case = make_case()
+    await stores.cases.insert(case)
+    old, new = await taken_over(stores, case)
+    sid = case.session_id
+    await stores.state.save_session(sid, "v", "live", fence=Fence(case.case_key, new.token))
+    for name in ("v", "w"):
+        with pytest.raises(LeaseLostError):
+            await stores.state.save_session(sid, name, "stale", fence=Fence(case.case_key, old.token))
+    assert [(e.name, e.data) for e in await stores.state.get_all_session(sid)] == [("v", "live")]
+
+
+async def test_a_stale_holder_creates_no_child(stores: Stores) -> None:
+    parent = make_case()
+    await stores.cases.insert(parent)
+    old, new = await taken_over(stores, parent)
+    live = make_case(parent.session_id, parent_key=parent.case_key)
+    stale = make_case(parent.session_id, parent_key=parent.case_key)
+    assert await stores.cases.insert(live, fence=Fence(parent.case_key, new.token)) is True
+    with pytest.raises(LeaseLostError):
+        await stores.cases.insert(stale, fence=Fence(parent.case_key, old.token))
+    with pytest.raises(LeaseLostError):  # the same key again: refused, not "exists"
+        await stores.cases.insert(live, fence=Fence(parent.case_key, old.token))
+    assert await stores.cases.get_by_key(stale.case_key) is None
+    assert [c.case_key for c in await stores.cases.list(CaseFilter(parent_key=parent.case_key))] == [
+        live.case_key
+    ]
+
+
+async def test_a_fenced_write_for_a_case_that_does_not_exist_is_refused(stores: Stores) -> None:
+    key = uid("case")
+    with pytest.raises(LeaseLostError):
+        await stores.waits.replace(key, [], token=1)
+    with pytest.raises(LeaseLostError):
+        await stores.state.save(key, "v", 1, token=1)
+    with pytest.raises(LeaseLostError):
+        await stores.timers.schedule(Timer(key, "t", NOW), token=1)
+    with pytest.raises(LeaseLostError):
+        await stores.state.save_session(uid("sess"), "v", 1, fence=Fence(key, 1))
+    with pytest.raises(LeaseLostError):
+        await stores.cases.insert(make_case(parent_key=key), fence=Fence(key, 1))
+    assert await stores.state.get_all(key) == []
 
 
 async def test_save_with_release_frees_the_case(stores: Stores) -> None:
@@ -669,6 +767,9 @@ async def test_runnable_waiting_and_mark_runnable(stores: Stores) -> None:
         await stores.cases.insert(case)
     lease = await stores.leases.acquire(leased.case_key, "a", 30)
     assert lease is not None
+    pred = PollPredicate(resource_type=uid("rt"), resource_id=uid("r"), step_name="w")
+    for case in (wait1, wait2, run1):
+        await stores.waits.replace(case.case_key, [pred])
 
     assert await stores.cases.runnable(session_id=sid) == [run1.case_key, run2.case_key]
     assert await stores.cases.runnable(session_id=sid, limit=1) == [run1.case_key]
@@ -676,6 +777,10 @@ async def test_runnable_waiting_and_mark_runnable(stores: Stores) -> None:
 
     moved = await stores.cases.mark_runnable([wait2.case_key, run1.case_key, done.case_key, uid("missing")])
     assert moved == [wait2.case_key]
+    # The moved case's waits went with the move; a case that did not move keeps its waits.
+    assert sorted(await stores.waits.cases_waiting_on(pred.resource_type, pred.resource_id)) == sorted(
+        [wait1.case_key, run1.case_key]
+    )
     assert await stores.cases.mark_runnable([wait2.case_key]) == []
     assert await stores.cases.mark_runnable([]) == []
     got = await stores.cases.get_by_key(wait2.case_key)
