@@ -344,6 +344,19 @@ class CaseDb:
         )
         return [(r["resource_type"], r["resource_id"], r["step_name"]) for r in rows]
 
+    async def everything(self) -> dict[str, list[str]]:
+        """Every row of every Tianshu table, as text, sorted: the whole database, to compare."""
+        tables = await self.pool.fetch(
+            "SELECT tablename FROM pg_tables "
+            "WHERE schemaname = current_schema() AND tablename LIKE 'tianshu%'"
+        )
+        return {
+            t["tablename"]: sorted(
+                r[0] for r in await self.pool.fetch(f'SELECT t::text FROM "{t["tablename"]}" t')
+            )
+            for t in tables
+        }
+
     async def event_count(self, resource_type: str, resource_id: str) -> int:
         """How many events are stored on the resource."""
         n = await self.pool.fetchval(

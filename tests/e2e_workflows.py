@@ -112,3 +112,35 @@ async def think_then_wait(ctx: WorkflowContext) -> WorkflowResult:
     payload: Any = await ctx.wait_for_event("order", ctx.case.case_key)
     await ctx.step("after", lambda: effect(ctx, "after"))
     return await ctx.finish("done", output=payload)
+
+
+@registry.workflow("e2e_fence")
+async def fence(ctx: WorkflowContext) -> WorkflowResult:
+    """A step, then one write of the kind `input.write` names, its value naming this process; then
+    a wait that parks the case. In a replica started with TIANSHU_TEST_STALL=<dir>, a run first
+    stalls outside any step, after creating <dir>/<case key>, until <dir>/go exists: a test
+    freezes the replica there and lets another take the case over."""
+    kind = ctx.case.resource_data["write"]
+    await ctx.step("before", lambda: effect(ctx, "before"))
+    stall = os.environ.get("TIANSHU_TEST_STALL")
+    if stall:
+        (Path(stall) / ctx.case.case_key).touch()
+        while not (Path(stall) / "go").exists():  # noqa: ASYNC110 - a file another process creates
+            await asyncio.sleep(0.05)
+    me = str(os.getpid())
+    if kind == "step":
+        await ctx.step(f"step-{me}", lambda: effect(ctx, "step"))
+    elif kind == "state":
+        await ctx.set_state("who", me)
+    elif kind == "session_state":
+        await ctx.set_session_state("who", me)
+    elif kind == "timer":
+        await ctx.sleep(3600, name=f"nap-{me}")
+    elif kind == "child":
+        await ctx.spawn_child("e2e_child", {"n": me}, name=f"child-{me}")
+    elif kind == "waits":
+        await ctx.wait_for_event("order", f"{ctx.case.case_key}-{me}")
+    else:
+        return await ctx.finish("done", output={"pid": me})
+    await ctx.wait_for_event("park", ctx.case.case_key)
+    return await ctx.finish("unparked")

@@ -9,6 +9,7 @@ their time limits are safety nets against a hang, never performance thresholds.
 from __future__ import annotations
 
 import json
+import re
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +28,7 @@ from tests._services import (
     effects,
     eventually,
     executions,
+    fresh_database,
     new_key,
     pids_by_case,
     publish_event,
@@ -186,6 +188,74 @@ async def test_a_frozen_replica_is_fenced_off_after_another_takes_its_case(
     runs = executions(tmp_path)
     assert runs[(key, "first")] == runs[(key, "last")] == 1
     assert stale.proc is not None and stale.proc.poll() is None, "the fenced replica should keep serving"
+
+
+FENCED_WRITES = ["step", "state", "session_state", "timer", "child", "waits", "outcome"]
+
+
+@pytest.mark.slow
+async def test_a_frozen_replica_writes_nothing_of_any_kind_once_another_took_its_cases(
+    tmp_path: Path, pg_server_url: str, nats_url: str, replicas: list[SchedulerProcess], nc: Client
+) -> None:
+    """Each case stalls in the first replica just before one kind of write; that replica is
+    frozen (SIGSTOP) past its leases; a second replica takes every case and moves it on (makes its
+    own write of that kind and parks it), then stops; the first is thawed (SIGCONT). Nothing in
+    the database changes after that, and the thawed runs stop at their next durable call."""
+    stall = tmp_path / "stall"
+    stall.mkdir()
+    async with fresh_database(pg_server_url, "tianshu_fence") as url:  # no other test's cases
+        db = await CaseDb.open(url)
+        try:
+            stale = SchedulerProcess(tmp_path, url, nats_url, TIANSHU_TEST_STALL=str(stall))
+            replicas.append(stale.start())
+            keys = {
+                kind: await request_start(nc, "e2e_fence", {"write": kind}, key=new_key(f"fence-{kind}"))
+                for kind in FENCED_WRITES
+            }
+            await eventually(
+                lambda: _true(all((stall / key).exists() for key in keys.values())),
+                what="every case stalled before its write",
+                context=logs(replicas),
+            )
+            stale.signal(signal.SIGSTOP)
+
+            live = SchedulerProcess(tmp_path, url, nats_url)
+            replicas.append(live.start())
+            moved_on = {key: "finished" if kind == "outcome" else "waiting" for kind, key in keys.items()}
+            await eventually(
+                lambda: _moved_on(db, moved_on, keys["child"]),
+                what="the live replica moved every case on",
+                within=60,
+                context=logs(replicas),
+            )
+            assert live.terminate() == 0  # from here on, only the frozen replica could change anything
+            before = await db.everything()
+
+            (stall / "go").touch()
+            stale.signal(signal.SIGCONT)
+            refusals = [
+                re.compile(rf"lease on case {re.escape(repr(k))} with token \d+ is no longer held")
+                for k in keys.values()
+            ]
+            await eventually(
+                lambda: _true(all(r.search(stale.log_text()) for r in refusals)),
+                what="every thawed run stopped",
+                context=logs(replicas),
+            )
+
+            assert await db.everything() == before, "a write of the frozen replica landed"
+            assert (keys["step"], "step", stale.pid) not in effects(tmp_path), "a stale step body ran"
+            assert stale.proc is not None and stale.proc.poll() is None, "it should keep serving"
+        finally:
+            for replica in replicas:  # before the database goes
+                replica.kill()
+            await db.close()
+
+
+async def _moved_on(db: CaseDb, states: dict[str, str], parent: str) -> bool:
+    """Every case in its state, and the child the live replica spawned finished."""
+    children = await db.pool.fetch("SELECT execution_state FROM tianshu_cases WHERE parent_key = $1", parent)
+    return await db.states(list(states)) == states and [c[0] for c in children] == ["finished"]
 
 
 @pytest.mark.slow
