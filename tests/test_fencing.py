@@ -32,6 +32,7 @@ from tianshu_core import (
     memory_stores,
 )
 from tianshu_core.engine import LeaseKeeper
+from tianshu_core.stores.postgres import RetryConfig, connect_postgres
 
 TTL = 30.0  # long: the old holder learns of the loss only from the stores' refusals
 
@@ -253,9 +254,7 @@ async def test_past_its_term_a_run_confirms_its_lease_with_the_store() -> None:
         await engine.start_case("any", case_key=key)
         lease = await stores.leases.acquire(key, "old", ttl)
         assert lease is not None
-        keeper = LeaseKeeper(stores, lease, ttl)
-        keeper.stop()  # stalled: no heartbeat
-        keepers.append(keeper)
+        keepers.append(LeaseKeeper(stores, lease, ttl))  # not started: stalled, no heartbeat
     kept, taken = keepers
     clock.advance(1)  # both leases expired by the store's clock; one is taken
     assert await stores.leases.acquire("taken", "new", TTL) is not None
@@ -266,3 +265,61 @@ async def test_past_its_term_a_run_confirms_its_lease_with_the_store() -> None:
     for _ in range(2):  # lost, and lost from then on
         with pytest.raises(LeaseLostError):
             await taken.hold()
+
+
+@pytest.mark.postgres
+async def test_a_lease_that_cannot_be_confirmed_abandons_the_run_and_not_the_case(
+    pg_migrated_url: str,
+) -> None:
+    """Past its term, a run asks the store about its lease; a store out of reach then is an
+    outage, not the case's fault: the run is abandoned (the case stays running, for a later run)
+    and the next step body does not run."""
+    stores = await connect_postgres(
+        pg_migrated_url, max_size=2, statement_timeout_ms=200, retry=RetryConfig(attempts=1)
+    )
+    reg = WorkflowRegistry()
+    stall = Stall()
+    bodies: list[str] = []
+    caught: list[Exception] = []
+
+    @reg.workflow("two")
+    async def two(ctx: WorkflowContext) -> WorkflowResult:
+        await ctx.step("one", lambda: bodies.append("one"))
+        await stall.here()
+        try:
+            await ctx.step("two", lambda: bodies.append("two"))
+        except Exception as exc:  # the workflow's own error handling must not see the outage
+            caught.append(exc)
+        return await ctx.finish("done")
+
+    ttl = 0.3
+    engine = Engine(stores, reg, config=EngineConfig(lease_ttl=ttl))
+    admin = await asyncpg.connect(pg_migrated_url)
+    try:
+        case = await engine.start_case("two")
+        run = asyncio.create_task(engine.run_case(case.case_key))
+        await stall.reached.wait()
+        async with admin.transaction():  # the case row stays locked: no renewal gets through
+            await admin.execute("SELECT 1 FROM tianshu_cases WHERE case_key = $1 FOR UPDATE", case.case_key)
+            await asyncio.sleep(ttl)  # past the lease's term
+            stall.resume()
+            report = await run
+    finally:
+        await admin.close()
+        await stores.close()
+
+    assert report.status is RunStatus.ABANDONED
+    assert bodies == ["one"] and caught == []
+    stored = await _case_state(pg_migrated_url, case.case_key)
+    assert stored == "running"
+
+
+async def _case_state(url: str, case_key: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        state: str = await conn.fetchval(
+            "SELECT execution_state FROM tianshu_cases WHERE case_key = $1", case_key
+        )
+    finally:
+        await conn.close()
+    return state

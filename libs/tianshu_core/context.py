@@ -259,15 +259,19 @@ class WorkflowContext:
             journal.records[(name, self._generation[name])] = entry
         return entry
 
+    async def _hold(self) -> None:
+        """Go on only while the run holds its lease (`LeaseKeeper.hold`). A store out of reach
+        while the lease is confirmed abandons the run, as any store failure does."""
+        await _guard(self._run.keeper.hold())
+
     async def _write(self, write: Callable[[], Awaitable[T]]) -> T:
         """Make one of the run's writes (fenced by its lease token in the store): only while the
         run holds its lease, and a refusal stops the run at its next durable call too."""
-        keeper = self._run.keeper
-        await keeper.hold()
+        await self._hold()
         try:
             return await _guard(write())
         except LeaseLostError as exc:
-            keeper.lose(exc)
+            self._run.keeper.lose(exc)
             raise
 
     async def _append(self, kind: JournalKind, name: str, data: str) -> JournalEntry:
@@ -318,6 +322,7 @@ class WorkflowContext:
             return self._decode_step(entry, returns)
 
         async def execute() -> JournalEntry:
+            await self._hold()  # no body runs whose result could not be stored
             return await self._append(JournalKind.STEP, name, await produce(name))
 
         entry = await in_span(
@@ -329,7 +334,6 @@ class WorkflowContext:
     async def _produce(self, name: str, fn: Callable[[], Any]) -> str:
         """Run a step's body and encode its result: a result that cannot be stored is an error of
         this attempt, so a retry policy around it retries it like any other."""
-        await self._run.keeper.hold()  # no body runs whose result could not be stored
         value = fn()
         if inspect.isawaitable(value):
             value = await value

@@ -341,6 +341,7 @@ class Engine:
         case, stores = lease.case, self.stores
         ctx: WorkflowContext | None = None
         keeper = LeaseKeeper(stores, lease, self.config.lease_ttl)
+        keeper.start()
         try:
             entries: Sequence[JournalEntry]
             if fresh:
@@ -833,13 +834,10 @@ class LeaseKeeper:
         # Until then (this process's clock) the lease is surely still ours, without asking: the
         # store's term runs `ttl` from a renewal it received after we sent it. A third of it is
         # left as a margin, for clock rates and for a taken lease that waited to be run.
+        self._term = ttl * 2 / 3
         self._sure_until = time.monotonic() + self._term
         self.lost: LeaseLostError | None = None
-        self._handle = asyncio.get_running_loop().call_later(ttl / 3, self._start)
-
-    @property
-    def _term(self) -> float:
-        return self._ttl * 2 / 3
+        self._handle: asyncio.TimerHandle | None = None
 
     async def hold(self) -> None:
         """Return while the run holds its lease; raise LeaseLostError (the same one from then on)
@@ -864,7 +862,11 @@ class LeaseKeeper:
             return
         raise self.lose(LeaseLostError(self._lease.case_key, self._lease.token))
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Renew the lease every ttl/3 from now on, until `stop`."""
+        self._handle = asyncio.get_running_loop().call_later(self._ttl / 3, self._begin)
+
+    def _begin(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._beat())
 
     async def _beat(self) -> None:
@@ -880,6 +882,7 @@ class LeaseKeeper:
 
     def stop(self) -> None:
         """Stop renewing (the run has ended); `hold` still answers."""
-        self._handle.cancel()
+        if self._handle is not None:
+            self._handle.cancel()
         if self._task is not None:
             self._task.cancel()
