@@ -25,7 +25,17 @@ from .errors import (
     TianshuError,
     UnknownWorkflowError,
 )
-from .models import Case, ExecutionState, Fence, JournalEntry, JournalKind, PollPredicate, Timer
+from .models import (
+    CHILDREN_RESOURCE,
+    TERMINAL_STATES,
+    Case,
+    ExecutionState,
+    Fence,
+    JournalEntry,
+    JournalKind,
+    PollPredicate,
+    Timer,
+)
 from .results import Finished, Waiting, WorkflowResult
 from .retry import RetryPolicy
 from .telemetry import current_traceparent, in_span
@@ -41,8 +51,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 StepFn = Callable[[], "T | Awaitable[T]"]
 
-CHILDREN_RESOURCE = "tianshu-children"
-
 
 class WaitTimeoutError(TianshuError):
     """A `wait_for_event` with a timeout saw no event in time."""
@@ -56,10 +64,16 @@ class Suspend(BaseException):
     A BaseException so that a workflow's `except Exception` cannot swallow it.
     """
 
-    def __init__(self, predicates: Sequence[PollPredicate], wake_at: datetime | None = None) -> None:
+    def __init__(
+        self,
+        predicates: Sequence[PollPredicate],
+        wake_at: datetime | None = None,
+        children: Sequence[str] = (),
+    ) -> None:
         super().__init__("workflow suspended")
         self.predicates = list(predicates)
         self.wake_at = wake_at
+        self.children = tuple(children)  # the awaited children not ended yet
 
 
 class StoreFailure(BaseException):
@@ -628,24 +642,17 @@ class WorkflowContext:
         ]
 
     async def child_status(self, handle: ChildHandle) -> ChildOutcome:
-        child = await _guard(self._run.stores.cases.get_by_key(handle.case_key))
-        if child is None:
-            return ChildOutcome(
-                handle.case_key, ExecutionState.FAILED, None, None, None, "child case not found"
-            )
-        return ChildOutcome(
-            child.case_key,
-            child.execution_state,
-            child.finished_type,
-            child.finished_description,
-            child.output,
-            child.error.message if child.error else None,
+        return _child_outcome(
+            handle.case_key, await _guard(self._run.stores.cases.get_by_key(handle.case_key))
         )
 
     async def await_children(
         self, handles: Sequence[ChildHandle], *, name: str | None = None
     ) -> list[ChildOutcome]:
-        """Wait (as a row) until every child has finished or failed; their outcomes, in order."""
+        """Wait (as a row) until every child has finished or failed; their outcomes, in order.
+
+        The children are read in one round trip. While some are open the case parks once: the
+        last of them to end wakes it, in the transaction that stores its outcome."""
         name = self._name(name, "children")
         entry = self._claim(name, _CHILDREN)
         if entry is not None:
@@ -653,13 +660,17 @@ class WorkflowContext:
             recorded = _decode(entry)
             self._check_children(name, [o["case_key"] for o in recorded], [h.case_key for h in handles])
             return [ChildOutcome(**{**o, "state": ExecutionState(o["state"])}) for o in recorded]
-        outcomes = [await self.child_status(h) for h in handles]
-        if all(o.state in (ExecutionState.FINISHED, ExecutionState.FAILED) for o in outcomes):
+        keys = [h.case_key for h in handles]
+        found = {c.case_key: c for c in await _guard(self._run.stores.cases.get_many(keys))}
+        outcomes = [_child_outcome(key, found.get(key)) for key in keys]
+        open_ = [o.case_key for o in outcomes if o.state not in TERMINAL_STATES]
+        if not open_:
             await self._append(JournalKind.CHILD, name, serde.dumps([{**_outcome_dict(o)} for o in outcomes]))
             self.executed.append(name)
             return outcomes
         raise Suspend(
-            [PollPredicate(resource_type=CHILDREN_RESOURCE, resource_id=self.case.case_key, step_name=name)]
+            [PollPredicate(resource_type=CHILDREN_RESOURCE, resource_id=self.case.case_key, step_name=name)],
+            children=open_,
         )
 
     def _check_children(self, name: str, recorded: list[str], asked: list[str]) -> None:
@@ -725,6 +736,19 @@ def check_outcome(finished: Finished, limit: int) -> Any:
     serde.require_text("the finished type", finished.finished_type)
     serde.require_text("the finish description", finished.description)
     return serde.loads(serde.encode_result("the output of the case", finished.output, limit))
+
+
+def _child_outcome(case_key: str, child: Case | None) -> ChildOutcome:
+    if child is None:
+        return ChildOutcome(case_key, ExecutionState.FAILED, None, None, None, "child case not found")
+    return ChildOutcome(
+        child.case_key,
+        child.execution_state,
+        child.finished_type,
+        child.finished_description,
+        child.output,
+        child.error.message if child.error else None,
+    )
 
 
 def _outcome_dict(o: ChildOutcome) -> dict[str, Any]:

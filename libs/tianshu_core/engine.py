@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import serde
 from .clock import Clock, SystemClock
-from .context import CHILDREN_RESOURCE, StoreFailure, Suspend, WorkflowContext, check_outcome
+from .context import StoreFailure, Suspend, WorkflowContext, check_outcome
 from .errors import (
     CaseExistsError,
     CaseInterruptedError,
@@ -210,6 +210,7 @@ class Engine:
         self._shutdown = asyncio.Event()
         self._listeners: list[CaseListener] = []
         self._wake_listeners: list[WakeListener] = []
+        self._sweep_after: tuple[str, int] | None = None  # where `wake_met` goes on
 
     def add_wake_listener(self, listener: WakeListener) -> None:
         """Call `listener(keys)` when cases become runnable (woken by an event, timer or child)."""
@@ -489,7 +490,7 @@ class Engine:
             workflow = self.registry.create(ctx.case)
             result = await workflow.run(ctx)
         except Suspend as suspend:
-            return _Suspended(suspend.predicates, suspend.wake_at)
+            return _Suspended(suspend.predicates, suspend.wake_at, suspend.children)
         except LeaseLostError:
             raise
         except Exception as exc:
@@ -547,34 +548,33 @@ class Engine:
             case.output = output
             status = RunStatus.FINISHED
         elif isinstance(result, Waiting):
-            assert ctx is not None  # only a workflow waits
-            cursors = ctx._journal.cursors
-            await stores.waits.replace(
-                case.case_key,
-                result.predicates,
-                {
-                    (p.resource_type, p.resource_id): cursors[(p.resource_type, p.resource_id)]
-                    for p in result.predicates
-                },
-                token=lease.token,
-            )
-            case.execution_state = ExecutionState.WAITING
             status = RunStatus.WAITING
         else:
             case.execution_state = ExecutionState.RUNNING
             status = RunStatus.CONTINUE
-        await stores.cases.save(case, lease.token, release=True)
+        woken: list[str] = []
+        if isinstance(result, Waiting):
+            assert ctx is not None  # only a workflow waits
+            if not await self._park(ctx, lease, result):
+                woken.append(case.case_key)  # met already, stored running: run it again
+        else:
+            # A child's last save also wakes its parent, in the same commit.
+            woken = await stores.cases.save(case, lease.token, release=True)
         try:
-            await self._after_stored(case, result, ctx)
+            await self._after_stored(case, result, ctx, woken)
         except Exception:
             # The outcome is stored: this run is done whatever the rest does.
             log.exception("case %s: outcome stored, but telling its waiters failed", case.case_key)
         return status
 
     async def _after_stored(
-        self, case: Case, result: WorkflowResult | BaseException, ctx: WorkflowContext | None
+        self,
+        case: Case,
+        result: WorkflowResult | BaseException,
+        ctx: WorkflowContext | None,
+        woken: Sequence[str],
     ) -> None:
-        """Start new children, notify listeners, and wake whoever the stored outcome concerns."""
+        """Start new children, notify listeners, and run what the stored outcome woke."""
         if ctx is not None and ctx.spawned:
             for wake_listener in self._wake_listeners:
                 wake_listener(ctx.spawned)  # new children are runnable: start them now
@@ -585,42 +585,33 @@ class Engine:
                 await self._notify(case)
             finally:
                 _waiting_on.reset(token)
-        if isinstance(result, Waiting):
-            assert ctx is not None
-            await self._recheck_waiting(ctx, result)
-        elif case.is_terminal and case.parent_key:
-            await self._notify_parent(case.parent_key)
+        if woken:
+            for wake_listener in self._wake_listeners:
+                wake_listener(woken)
 
-    async def _recheck_waiting(self, ctx: WorkflowContext, waiting: Waiting) -> None:
-        """Close the race with a publish that came between the run's last look and its wait row."""
-        case = ctx.case
+    async def _park(self, ctx: WorkflowContext, lease: Lease, waiting: Waiting) -> bool:
+        """Store the case waiting, with its waits and the recheck for what came meanwhile, in one
+        commit (`CaseStore.park`); False when what it waits for is there and it must run again."""
         wake_at = waiting.wake_at if isinstance(waiting, _Suspended) else None
-        ready = wake_at is not None and self.clock.now() >= wake_at
-        for p in waiting.predicates:
-            if ready:
-                break
-            if p.resource_type == CHILDREN_RESOURCE:
-                children = [await self.stores.cases.get_by_key(k) for k in case.child_keys]
-                ready = all(c is None or c.is_terminal for c in children)
-            else:
-                cursor = ctx._journal.cursors[(p.resource_type, p.resource_id)]
-                ready = (
-                    await self.stores.events.next_after(
-                        p.resource_type,
-                        p.resource_id,
-                        after_seq=cursor,
-                        not_before=case.created_at,
-                        settled=True,
-                    )
-                    is not None
-                )
-        if ready:
-            await self._wake([case.case_key])
-
-    async def _notify_parent(self, parent_key: str) -> None:
-        waits = await self.stores.waits.for_case(parent_key)
-        if any(p.resource_type == CHILDREN_RESOURCE for p in waits):
-            await self._wake([parent_key])
+        children = waiting.children if isinstance(waiting, _Suspended) else ()
+        cursors = ctx._journal.cursors
+        after = {
+            (p.resource_type, p.resource_id): cursors[(p.resource_type, p.resource_id)]
+            for p in waiting.predicates
+        }
+        case = ctx.case
+        if not await self.stores.cases.park(case, lease.token, waiting.predicates, after, children):
+            return False
+        if (
+            wake_at is not None
+            and self.clock.now() >= wake_at
+            and await self.stores.cases.mark_runnable([case.case_key])
+        ):
+            # Its timer fell due during the run: a sweep may have fired it while the case was
+            # still running (a no-op), so it is woken here.
+            case.execution_state = ExecutionState.RUNNING
+            return False
+        return True
 
     async def _wake(self, case_keys: Sequence[str]) -> list[str]:
         woken = await self.stores.cases.mark_runnable(case_keys)  # their waits dropped with it
@@ -697,6 +688,21 @@ class Engine:
             await self.stores.timers.delete(timer.case_key, timer.name)
         return woken
 
+    async def wake_met(self) -> list[str]:
+        """A safety net for wakes lost outside this engine's own paths (a replica of an older
+        release, an event stored without its wake): wake the waiting cases whose condition is
+        met among the next `tick_batch` waits, going on where the last call stopped, a full
+        round every (waits / tick_batch) calls. Each call reads a bounded range of the waits'
+        index, whatever the number of waiting cases."""
+        woken, self._sweep_after = await self.stores.waits.wake_met(
+            self._sweep_after, limit=self.config.tick_batch
+        )
+        if woken:
+            log.warning("woke %d waiting cases whose condition was met: %s", len(woken), ", ".join(woken))
+            for listener in self._wake_listeners:
+                listener(woken)
+        return woken
+
     async def _evaluate_waiting(self, session_id: str | None) -> None:
         fetcher = self.fetcher
         if fetcher is None and not self.config.probe_waiting:
@@ -720,6 +726,7 @@ class Engine:
             return TickOutcome.SHUTDOWN_REQUESTED
         with tracer.start_as_current_span("tianshu.tick"):
             await self.fire_due_timers()
+            await self.wake_met()
             await self._evaluate_waiting(session_id)
             keys = await self.stores.cases.runnable(limit=self.config.tick_batch, session_id=session_id)
             if not keys:
@@ -814,9 +821,11 @@ def _report(case_key: str, status: RunStatus, case: Case | None, ctx: WorkflowCo
 
 @dataclass(frozen=True, slots=True)
 class _Suspended(Waiting):
-    """A `Waiting` produced by an awaitable wait, which may also carry a timer."""
+    """A `Waiting` produced by an awaitable wait, which may also carry a timer and the awaited
+    children still open."""
 
     wake_at: Any = None
+    children: tuple[str, ...] = ()
 
 
 class LeaseKeeper:

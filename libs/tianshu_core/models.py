@@ -31,6 +31,9 @@ class Lifecycle(enum.StrEnum):
 
 TERMINAL_STATES = frozenset({ExecutionState.FINISHED, ExecutionState.FAILED})
 
+# The resource a parent awaiting its children waits on (its id is the parent's key).
+CHILDREN_RESOURCE = "tianshu-children"
+
 
 class Case(BaseModel):
     """One execution of a workflow: its identity, input, progress and outcome."""

@@ -16,6 +16,7 @@ from tianshu_contracts.gateway import UsageSummary
 from ..clock import Clock, SystemClock
 from ..errors import CaseInterruptedError, LeaseLostError
 from ..models import (
+    CHILDREN_RESOURCE,
     Case,
     CaseFilter,
     Event,
@@ -59,6 +60,10 @@ class _Db:
         self.event_seq = itertools.count(1)
         self.timers: dict[tuple[str, str], Timer] = {}
         self.usage: dict[str, UsageRow] = {}  # by call id; purging a case leaves its usage
+        # Children a parked parent awaits (the parent_awaits flag), and per parked parent how many
+        # of them are still open (children_pending).
+        self.awaited: set[str] = set()
+        self.children_pending: dict[str, int] = {}
 
     def fenced(self, case_key: str, token: int | None) -> None:
         """Refuse a write made with `token` once the case's lease has moved on (None: unfenced)."""
@@ -82,6 +87,36 @@ class _Db:
     def drop_waits(self, case_key: str) -> None:
         self.waits.pop(case_key, None)
         self.wait_after.pop(case_key, None)
+
+    def event_after(self, resource: tuple[str, str], after_seq: int, not_before: datetime) -> Event | None:
+        for event in self.events:
+            if (
+                event.seq > after_seq
+                and (event.resource_type, event.resource_id) == resource
+                and event.published_at >= not_before
+            ):
+                return event
+        return None
+
+    def wake(self, case_key: str) -> bool:
+        """Move a waiting case to running and drop its waits; whether it moved."""
+        case = self.cases.get(case_key)
+        if case is None or case.execution_state is not ExecutionState.WAITING:
+            return False
+        case.execution_state = ExecutionState.RUNNING
+        case.updated_at = self.clock.now()
+        self.drop_waits(case_key)
+        return True
+
+    def wait_met(self, case_key: str, pred: PollPredicate) -> bool:
+        """Whether what a waiting case waits for with `pred` is there (the sweep's check)."""
+        case = self.cases[case_key]
+        if pred.resource_type == CHILDREN_RESOURCE:
+            return self.children_pending.get(case_key) == 0 or not any(
+                c.parent_key == case_key and not c.is_terminal for c in self.cases.values()
+            )
+        after = self.wait_after.get(case_key, {}).get((pred.resource_type, pred.resource_id), 0)
+        return self.event_after((pred.resource_type, pred.resource_id), after, case.created_at) is not None
 
 
 def _copy(case: Case) -> Case:
@@ -151,18 +186,77 @@ class InMemoryCaseStore:
     async def count(self, flt: CaseFilter | None = None) -> int:
         return sum(1 for c in self._db.cases.values() if _matches(c, flt))
 
-    async def save(self, case: Case, token: int, *, release: bool = False) -> None:
-        self._db.fenced(case.case_key, token)
+    async def get_many(self, case_keys: Sequence[str]) -> builtins.list[Case]:
+        return [_copy(self._db.cases[k]) for k in dict.fromkeys(case_keys) if k in self._db.cases]
+
+    def _store(self, case: Case, token: int, release: bool) -> None:
+        db = self._db
+        db.fenced(case.case_key, token)
         # The lifecycle belongs to the operator: a pause or cancel during the run stays.
-        case.lifecycle_state = self._db.cases[case.case_key].lifecycle_state
+        case.lifecycle_state = db.cases[case.case_key].lifecycle_state
         case.failures = 0
-        self._db.cases[case.case_key] = _copy(case)
-        if case.is_terminal:
-            for key in [k for k in self._db.timers if k[0] == case.case_key]:
-                del self._db.timers[key]
+        db.cases[case.case_key] = _copy(case)
         if release:
-            row = self._db.leases[case.case_key]
+            row = db.leases[case.case_key]
             row.owner, row.expires_at = None, None
+
+    async def save(self, case: Case, token: int, *, release: bool = False) -> builtins.list[str]:
+        db = self._db
+        self._store(case, token, release)
+        if not case.is_terminal:
+            return []
+        for key in [k for k in db.timers if k[0] == case.case_key]:
+            del db.timers[key]
+        parent = case.parent_key
+        if case.case_key not in db.awaited or parent is None:
+            return []
+        db.awaited.discard(case.case_key)
+        pending = db.children_pending.get(parent, 0)
+        if pending <= 0:
+            return []
+        db.children_pending[parent] = pending - 1
+        return [parent] if pending == 1 and db.wake(parent) else []
+
+    async def park(
+        self,
+        case: Case,
+        token: int,
+        predicates: Sequence[PollPredicate],
+        after: Mapping[tuple[str, str], int],
+        children: Sequence[str] = (),
+    ) -> bool:
+        db = self._db
+        key = case.case_key
+        db.fenced(key, token)
+        created = db.cases[key].created_at
+        ready = any(
+            db.event_after(
+                (p.resource_type, p.resource_id), after.get((p.resource_type, p.resource_id), 0), created
+            )
+            is not None
+            for p in predicates
+            if p.resource_type != CHILDREN_RESOURCE
+        )
+        pending: int | None = None
+        if not ready and children:
+            open_ = [
+                k
+                for k in children
+                if (c := db.cases.get(k)) is not None and c.parent_key == key and not c.is_terminal
+            ]
+            db.awaited.update(open_)
+            pending = len(open_)
+            ready = pending == 0
+        case.execution_state = ExecutionState.RUNNING if ready else ExecutionState.WAITING
+        self._store(case, token, release=True)
+        db.drop_waits(key)
+        db.children_pending.pop(key, None)
+        if not ready:
+            db.waits[key] = list(predicates)
+            db.wait_after[key] = dict(after)
+            if pending is not None:
+                db.children_pending[key] = pending
+        return not ready
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool:
         case = self._db.cases.get(case_key)
@@ -173,15 +267,7 @@ class InMemoryCaseStore:
         return True
 
     async def mark_runnable(self, case_keys: Sequence[str]) -> builtins.list[str]:
-        moved = []
-        for key in case_keys:
-            case = self._db.cases.get(key)
-            if case is not None and case.execution_state is ExecutionState.WAITING:
-                case.execution_state = ExecutionState.RUNNING
-                case.updated_at = self._db.clock.now()
-                self._db.drop_waits(key)
-                moved.append(key)
-        return moved
+        return [key for key in case_keys if self._db.wake(key)]
 
     def _scan(self, state: ExecutionState, limit: int, session_id: str | None) -> builtins.list[str]:
         found = sorted(
@@ -210,6 +296,8 @@ class InMemoryCaseStore:
         db.journal.pop(case_key, None)
         db.journal_seqs.pop(case_key, None)
         db.drop_waits(case_key)
+        db.awaited.discard(case_key)
+        db.children_pending.pop(case_key, None)
         for key in [k for k in db.state if k[0] == case_key]:
             del db.state[key]
         for key in [k for k in db.timers if k[0] == case_key]:
@@ -375,6 +463,27 @@ class InMemoryWaitStore:
     async def delete_by_case(self, case_key: str) -> None:
         self._db.drop_waits(case_key)
 
+    async def wake_met(
+        self, after: tuple[str, int] | None, *, limit: int
+    ) -> tuple[builtins.list[str], tuple[str, int] | None]:
+        db = self._db
+        rows = sorted(
+            (key, position, pred)
+            for key, preds in db.waits.items()
+            for position, pred in enumerate(preds, start=1)
+            if (key, position) > (after or ("", 0))
+        )[:limit]
+        met = sorted(
+            {
+                key
+                for key, _, pred in rows
+                if db.cases[key].execution_state is ExecutionState.WAITING and db.wait_met(key, pred)
+            }
+        )
+        woken = [key for key in met if db.wake(key)]
+        more = len(rows) >= limit and rows
+        return woken, ((rows[-1][0], rows[-1][1]) if more else None)
+
 
 class InMemoryEventStore:
     def __init__(self, db: _Db) -> None:
@@ -439,12 +548,9 @@ class InMemoryEventStore:
         woken: builtins.list[str] = []
         after: dict[str, int] = {}
         for key in waiting:
-            case = db.cases.get(key)
-            if case is not None and case.execution_state is ExecutionState.WAITING:
-                case.execution_state = ExecutionState.RUNNING
-                case.updated_at = db.clock.now()
-                after[key] = db.wait_after.get(key, {}).get(resource, 0)
-                db.drop_waits(key)
+            seen = db.wait_after.get(key, {}).get(resource, 0)
+            if db.wake(key):
+                after[key] = seen
                 woken.append(key)
         leases: builtins.list[Lease] = []
         for key in woken[: max(0, take)]:
@@ -466,17 +572,8 @@ class InMemoryEventStore:
         *,
         after_seq: int,
         not_before: datetime,
-        settled: bool = False,  # noqa: ARG002 - one event loop: no publish is ever in flight
     ) -> Event | None:
-        for event in self._db.events:
-            if (
-                event.seq > after_seq
-                and event.resource_type == resource_type
-                and event.resource_id == resource_id
-                and event.published_at >= not_before
-            ):
-                return event
-        return None
+        return self._db.event_after((resource_type, resource_id), after_seq, not_before)
 
     async def purge_before(self, cutoff: datetime, *, limit: int | None = None) -> int:
         old = sorted((e for e in self._db.events if e.published_at < cutoff), key=lambda e: e.published_at)

@@ -60,10 +60,36 @@ class CaseStore(Protocol):
         ...
 
     async def count(self, flt: CaseFilter | None = None) -> int: ...
-    async def save(self, case: Case, token: int, *, release: bool = False) -> None:
+    async def get_many(self, case_keys: Sequence[str]) -> builtins.list[Case]:
+        """The cases of these keys that exist (in any order), in one read."""
+        ...
+
+    async def save(self, case: Case, token: int, *, release: bool = False) -> builtins.list[str]:
         """Write the case as its lease holder (raises LeaseLostError if fenced out). The stored
         lifecycle is kept (it is the operator's) and copied into `case`. A save that ends the case
-        (finished or failed) drops its timers. A save stores an outcome: it resets `failures`."""
+        (finished or failed) drops its timers; if the case is a child its parent parked awaiting
+        (see `park`), it counts itself out, and when it was the last one open, the same commit
+        moves the parent to running and drops its waits. Returns the keys so woken. A save stores
+        an outcome: it resets `failures`."""
+        ...
+
+    async def park(
+        self,
+        case: Case,
+        token: int,
+        predicates: Sequence[PollPredicate],
+        after: Mapping[tuple[str, str], int],
+        children: Sequence[str] = (),
+    ) -> bool:
+        """Store the outcome of a run that waits, as its lease holder, lease released, in one
+        commit: `predicates` as the case's waits (`after` as in `WaitStore.replace`), `children`
+        (awaited children) counted so that the last to end wakes the case, and the case waiting.
+
+        Unless the wait is met already: an event on a waited resource after its `after` (publishes
+        of the resource in flight are waited for: each either commits before the look, or sees the
+        waits), or none of `children` still open. Then the case is stored running with no waits
+        and False is returned: run it again. Updates `case`'s execution and lifecycle state; like
+        `save`, resets `failures`."""
         ...
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool: ...
@@ -164,6 +190,14 @@ class WaitStore(Protocol):
     async def for_case(self, case_key: str) -> list[PollPredicate]: ...
     async def cases_waiting_on(self, resource_type: str, resource_id: str) -> list[str]: ...
     async def delete_by_case(self, case_key: str) -> None: ...
+    async def wake_met(
+        self, after: tuple[str, int] | None, *, limit: int
+    ) -> tuple[builtins.list[str], tuple[str, int] | None]:
+        """A safety net: of the next `limit` waits after the position `after` (None: the first),
+        wake (move to running, drop the waits of) the cases that still wait although what they
+        wait for is there (an event after the wait's `after`; for children, none open). Returns
+        the keys woken and the position to go on from (None once the end is reached)."""
+        ...
 
 
 class EventStore(Protocol):
@@ -215,14 +249,8 @@ class EventStore(Protocol):
         *,
         after_seq: int,
         not_before: datetime,
-        settled: bool = False,
     ) -> Event | None:
-        """The oldest event on the resource with seq > after_seq published at or after not_before.
-
-        With `settled`, first wait for publishes of this resource that are in flight to commit:
-        a case that has just stored its wait looks once more this way, and either sees such an
-        event or its publisher (which wakes after it stores) sees the wait.
-        """
+        """The oldest event on the resource with seq > after_seq published at or after not_before."""
         ...
 
     async def purge_before(self, cutoff: datetime, *, limit: int | None = None) -> int:

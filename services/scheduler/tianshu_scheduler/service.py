@@ -341,7 +341,9 @@ class Scheduler:
                 await asyncio.shield(self._release(left))
 
     async def _sweep(self) -> None:
-        """Fire due timers and adopt runnable cases nobody holds (their holder died)."""
+        """Fire due timers, wake waiting cases whose condition is met (a bounded batch of the
+        waits each time: `Engine.wake_met`), and adopt runnable cases nobody holds (their holder
+        died)."""
         engine, stores = self.engine, self.stores
         assert engine is not None and stores is not None
         interval = self.settings.scheduler_sweep_interval_s
@@ -349,6 +351,7 @@ class Scheduler:
         while not self._stopping.is_set():
             try:
                 await engine.fire_due_timers()
+                await engine.wake_met()
                 free = self.settings.scheduler_max_runs - len(self._runs)
                 found = set(await stores.cases.runnable(limit=free)) if free > 0 else set()
                 # Adopt a case only when it was runnable and unleased at the last sweep too: one

@@ -29,15 +29,22 @@ CASE_SET = (
     "output = $13::jsonb, error = $14::jsonb, created_at = $15, updated_at = $16"
 )
 
+
 # SET list for a run's fenced save: like CASE_SET but never the lifecycle, which belongs to the
 # operator (a cancel or pause that lands while the case runs must not be written back over).
-# Parameters: case_args without the lifecycle ($5), so $2..$15.
-RUN_SET = (
-    "session_id = $2, workflow_code = $3, execution_state = $4, parent_key = $5, "
-    "child_keys = $6::jsonb, resource_data = $7::jsonb, private_vars = $8::jsonb, "
-    "processing_report = $9::jsonb, finished_type = $10, finished_description = $11, "
-    "output = $12::jsonb, error = $13::jsonb, created_at = $14, updated_at = $15"
-)
+# Parameters: case_args without the lifecycle ($5), so $2..$15; `state`: the execution state's
+# expression (a park decides it in SQL).
+def run_set(state: str = "$4") -> str:
+    """The SET list of a run's fenced save, with `state` for the execution state."""
+    return (
+        f"session_id = $2, workflow_code = $3, execution_state = {state}, parent_key = $5, "
+        "child_keys = $6::jsonb, resource_data = $7::jsonb, private_vars = $8::jsonb, "
+        "processing_report = $9::jsonb, finished_type = $10, finished_description = $11, "
+        "output = $12::jsonb, error = $13::jsonb, created_at = $14, updated_at = $15"
+    )
+
+
+RUN_SET = run_set()
 
 
 def dump(value: Any) -> str:

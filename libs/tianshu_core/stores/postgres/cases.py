@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from ...errors import LeaseLostError
-from ...models import Case, CaseFilter, ExecutionState, Fence, Lease, Lifecycle
+from ...models import Case, CaseFilter, ExecutionState, Fence, Lease, Lifecycle, PollPredicate
 from ._backend import Conn, PgBackend
 from ._codec import (
     CASE_COLUMNS,
@@ -18,6 +20,7 @@ from ._codec import (
     case_args,
     case_from_row,
     journal_from_arrays,
+    run_set,
 )
 from ._fence import check_fence, fence_cte, held
 
@@ -37,21 +40,55 @@ INSERT INTO tianshu_cases ({CASE_COLUMNS}, trace_parent) VALUES ({CASE_VALUES}, 
 ON CONFLICT (case_key) DO UPDATE SET {CASE_SET}, trace_parent = EXCLUDED.trace_parent
 """
 # A save that ends the case (finished or failed) also drops its timers, which could only wake a
-# case that has nothing left to do; only when the fenced UPDATE went through. A save stores an
+# case that has nothing left to do; only when the fenced UPDATE went through. A child that ends,
+# awaited by its parent (parent_awaits, set by the parent's park), counts itself out of the
+# parent's children_pending; the last one moves the parent to running and drops its waits: the
+# wake is committed with the child's outcome, and the flag is cleared with it, so that a retry of
+# the save counts nothing twice. The parent's key comes back when it was woken. A save stores an
 # outcome, so the count of failed runs in a row starts again.
 _SAVE_TEMPLATE = """
-WITH saved AS (
-    UPDATE tianshu_cases SET {set_list}, failures = 0
-    WHERE case_key = $1 AND lease_token = $16
-    RETURNING lifecycle, execution_state
+WITH old AS (
+    SELECT parent_awaits FROM tianshu_cases WHERE case_key = $1 AND lease_token = $16 FOR UPDATE
+), saved AS (
+    UPDATE tianshu_cases SET {set_list}, failures = 0,
+           parent_awaits = old.parent_awaits AND $4 NOT IN ('finished', 'failed')
+      FROM old
+     WHERE case_key = $1 AND lease_token = $16
+    RETURNING lifecycle, execution_state, parent_key, old.parent_awaits
 ), timers AS (
     DELETE FROM tianshu_timers t USING saved
     WHERE t.case_key = $1 AND saved.execution_state IN ('finished', 'failed')
+), parent AS (
+    UPDATE tianshu_cases p
+       SET children_pending = p.children_pending - 1,
+           execution_state = CASE WHEN p.children_pending = 1 AND p.execution_state = 'waiting'
+                                  THEN 'running' ELSE p.execution_state END,
+           updated_at = CASE WHEN p.children_pending = 1 AND p.execution_state = 'waiting'
+                             THEN now() ELSE p.updated_at END
+      FROM saved
+     WHERE p.case_key = saved.parent_key AND saved.parent_awaits
+       AND saved.execution_state IN ('finished', 'failed') AND p.children_pending > 0
+    RETURNING p.case_key, p.children_pending = 0 AND p.execution_state = 'running' AS woke
+), dropped AS (
+    DELETE FROM tianshu_waits w USING parent WHERE w.case_key = parent.case_key AND parent.woke
 )
-SELECT lifecycle FROM saved
+SELECT saved.lifecycle, (SELECT parent.case_key FROM parent WHERE parent.woke) AS woken FROM saved
 """
 _SAVE = _SAVE_TEMPLATE.format(set_list=RUN_SET)
-_SAVE_RELEASE = _SAVE_TEMPLATE.format(set_list=f"{RUN_SET}, lease_owner = NULL, lease_expires_at = NULL")
+_RELEASE = "lease_owner = NULL, lease_expires_at = NULL"
+_SAVE_RELEASE = _SAVE_TEMPLATE.format(set_list=f"{RUN_SET}, {_RELEASE}")
+# A park: tianshu_park (migration 0008) locks, rechecks, marks the awaited children and stores the
+# waits; this UPDATE stores the case, waiting or (ready) running, with its children count, and
+# releases the lease. One statement, one commit: no crash can fall between the waits and the recheck.
+_PARK = f"""
+WITH p AS (SELECT ready, pending FROM tianshu_park($1, $16, $17, $18, $19, $20, $21, $22))
+UPDATE tianshu_cases SET {run_set("CASE WHEN p.ready THEN 'running' ELSE $4 END")},
+       children_pending = p.pending, failures = 0, {_RELEASE}
+FROM p WHERE case_key = $1 AND lease_token = $16
+RETURNING lifecycle, p.ready
+"""
+# What tianshu_park raises when the case's lease has moved on.
+_LEASE_LOST = "TSL01"
 _GET = "SELECT * FROM tianshu_cases WHERE case_key = $1"
 # Waking drops the waits in the statement that moves the case, as a publish does (migration
 # 0004): dropped later, they could be the waits of a run that followed the wake.
@@ -196,19 +233,66 @@ class PostgresCaseStore:
             await self._db.fetchval("case count", f"SELECT count(*) FROM tianshu_cases {where}", *args)
         )
 
-    async def save(self, case: Case, token: int, *, release: bool = False) -> None:
-        """Write the case as its lease holder; LeaseLostError once another holder took it.
+    async def get_many(self, case_keys: Sequence[str]) -> builtins.list[Case]:
+        """The cases of these keys that exist, in one read."""
+        rows = await self._db.fetch(
+            "case get_many", "SELECT * FROM tianshu_cases WHERE case_key = ANY($1::text[])", list(case_keys)
+        )
+        return [case_from_row(r) for r in rows]
+
+    async def save(self, case: Case, token: int, *, release: bool = False) -> builtins.list[str]:
+        """Write the case as its lease holder; LeaseLostError once another holder took it. The
+        key of the parent this save woke (it ended the last child the parent awaits), if any.
 
         The lifecycle is never written here (an operator's pause or cancel may land during the
-        run); the stored one is read back into `case`."""
+        run); the stored one is read back into `case`. Retried: a retry after a lost reply finds
+        the child already counted out and wakes nothing (the sweep finds a parent so left)."""
         args = case_args(case)
-        lifecycle = await self._db.fetchval(
+        row = await self._db.fetchrow(
             "case save", _SAVE_RELEASE if release else _SAVE, *args[:4], *args[5:], token
         )
-        if lifecycle is None:
+        if row is None:
             raise LeaseLostError(case.case_key, token)
-        case.lifecycle_state = Lifecycle(lifecycle)
+        case.lifecycle_state = Lifecycle(row["lifecycle"])
         case.failures = 0
+        return [] if row["woken"] is None else [row["woken"]]
+
+    async def park(
+        self,
+        case: Case,
+        token: int,
+        predicates: Sequence[PollPredicate],
+        after: Mapping[tuple[str, str], int],
+        children: Sequence[str] = (),
+    ) -> bool:
+        """Store the case waiting on `predicates`, fenced, lease released, in one statement that
+        first rechecks (see `_PARK`); False when it was ready and was stored running instead."""
+        case.execution_state = ExecutionState.WAITING
+        args = case_args(case)
+        preds = builtins.list(predicates)
+        try:
+            row = await self._db.fetchrow(
+                "case park",
+                _PARK,
+                *args[:4],
+                *args[5:],
+                token,
+                [p.resource_type for p in preds],
+                [p.resource_id for p in preds],
+                [p.step_name for p in preds],
+                [p.intent_desc for p in preds],
+                [after.get((p.resource_type, p.resource_id), 0) for p in preds],
+                builtins.list(children),
+            )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == _LEASE_LOST:
+                raise LeaseLostError(case.case_key, token) from exc
+            raise
+        assert row is not None  # tianshu_park raised unless the case row is ours and locked
+        case.lifecycle_state = Lifecycle(row["lifecycle"])
+        case.failures = 0
+        case.execution_state = ExecutionState.RUNNING if row["ready"] else ExecutionState.WAITING
+        return not row["ready"]
 
     async def set_lifecycle(self, case_key: str, lifecycle: Lifecycle) -> bool:
         """Set what an operator asked of the case; False when there is no such case."""

@@ -13,8 +13,6 @@ from ._backend import Conn, PgBackend
 from ._codec import case_from_row, dump, journal_from_arrays, load
 from .usage import insert_sql, usage_args
 
-# The lock tianshu_publish_event takes (migration 0001), held by a publish until it commits.
-_PUBLISH_LOCK = "SELECT pg_advisory_xact_lock(1953067880, hashtext($1 || '/' || $2))"
 # The resource's events after seq $3, as a range of tianshu_events_resource_idx given by row
 # comparisons, in that index's order. Written as `resource_type = $1 AND ... ORDER BY seq`, the
 # planner may instead walk the primary key from seq $3 and filter by resource: for a resource
@@ -168,27 +166,11 @@ class PostgresEventStore:
         *,
         after_seq: int,
         not_before: datetime,
-        settled: bool = False,
     ) -> Event | None:
-        """The oldest event on the resource with seq > after_seq published at or after not_before.
-
-        `settled`: take the resource's publish lock first (the one `tianshu_publish_event` holds
-        until it commits), then read with a fresh snapshot. A publish-and-wake that looked for
-        waits before our wait was stored commits its event before we read; one that starts after
-        sees our wait. Either way the case is not left waiting on an event that already came.
-        """
-        if not settled:
-            row = await self._db.fetchrow(
-                "event next_after", _NEXT_AFTER, resource_type, resource_id, after_seq, not_before
-            )
-        else:
-
-            async def op(conn: Conn, _attempt: int) -> Record | None:
-                async with conn.transaction():
-                    await conn.execute(_PUBLISH_LOCK, resource_type, resource_id)
-                    return await conn.fetchrow(_NEXT_AFTER, resource_type, resource_id, after_seq, not_before)
-
-            row = await self._db.run("event next_after settled", op)
+        """The oldest event on the resource with seq > after_seq published at or after not_before."""
+        row = await self._db.fetchrow(
+            "event next_after", _NEXT_AFTER, resource_type, resource_id, after_seq, not_before
+        )
         if row is None:
             return None
         return Event(row[0], resource_type, resource_id, load(row[2]), row[1], row[3])

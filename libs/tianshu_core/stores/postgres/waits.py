@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from ...models import PollPredicate, Timer
+from ...models import CHILDREN_RESOURCE, PollPredicate, Timer
 from ._backend import PgBackend
 from ._fence import check_fence, fence_cte, held
 
@@ -35,6 +35,46 @@ put AS (
     ON CONFLICT (case_key, name) DO UPDATE SET fire_at = EXCLUDED.fire_at
 )
 SELECT lease_token FROM fence
+"""
+
+# The sweep's safety net: the next `$3` wait rows after ($1, $2) in primary key order (a bounded
+# range of tianshu_waits_pkey, never the whole table), and of their cases those still waiting
+# although what they wait for is there: an event after the wait's after_seq (a probe of
+# tianshu_events_resource_idx, as next_after), or, on the children resource, no awaited child left
+# open (children_pending 0, or, for a wait stored without the count, no open child at all, a probe
+# of tianshu_cases_parent_idx). Those are moved to running and their waits dropped, in the same
+# statement. Also returned: the last row read, where the next sweep goes on.
+_WAKE_MET = f"""
+WITH batch AS MATERIALIZED (
+    SELECT case_key, position, resource_type, resource_id, after_seq FROM tianshu_waits
+    WHERE (case_key, position) > ($1, $2)
+    ORDER BY case_key, position LIMIT $3
+), met AS (
+    SELECT DISTINCT b.case_key FROM batch b JOIN tianshu_cases c ON c.case_key = b.case_key
+    WHERE c.execution_state = 'waiting' AND CASE
+        WHEN b.resource_type = '{CHILDREN_RESOURCE}' THEN
+            coalesce(c.children_pending = 0, false) OR NOT EXISTS (
+                SELECT 1 FROM tianshu_cases ch
+                WHERE ch.parent_key = c.case_key AND ch.execution_state NOT IN ('finished', 'failed'))
+        ELSE EXISTS (
+            SELECT 1 FROM tianshu_events e
+            WHERE (e.resource_type, e.resource_id, e.seq) > (b.resource_type, b.resource_id, b.after_seq)
+              AND (e.resource_type, e.resource_id, e.seq)
+                  <= (b.resource_type, b.resource_id, 9223372036854775807)
+              AND e.published_at >= c.created_at)
+        END
+), moved AS (
+    UPDATE tianshu_cases c SET execution_state = 'running', updated_at = now()
+    FROM met WHERE c.case_key = met.case_key AND c.execution_state = 'waiting'
+    RETURNING c.case_key
+), dropped AS (
+    DELETE FROM tianshu_waits w USING moved WHERE w.case_key = moved.case_key
+), last AS (
+    SELECT case_key, position FROM batch ORDER BY case_key DESC, position DESC LIMIT 1
+)
+SELECT (SELECT coalesce(array_agg(case_key ORDER BY case_key), ARRAY[]::text[]) FROM moved) AS woken,
+       (SELECT count(*) FROM batch) AS scanned, last.case_key, last.position
+FROM (SELECT 1) AS one LEFT JOIN last ON true
 """
 
 
@@ -101,6 +141,18 @@ class PostgresWaitStore:
     async def delete_by_case(self, case_key: str) -> None:
         """Drop the case's predicates."""
         await self._db.execute("waits delete", "DELETE FROM tianshu_waits WHERE case_key = $1", case_key)
+
+    async def wake_met(
+        self, after: tuple[str, int] | None, *, limit: int
+    ) -> tuple[list[str], tuple[str, int] | None]:
+        """Look at the next `limit` waits after `after` (see `_WAKE_MET`) and wake the cases among
+        them whose condition is met; the keys woken, and where to go on (None: from the start).
+        Retried: keys lost with a reply are of cases now running, which the sweep adopts."""
+        key, position = after or ("", 0)
+        row = await self._db.fetchrow("waits wake_met", _WAKE_MET, key, position, limit)
+        assert row is not None  # one row, always
+        more = row["scanned"] >= limit and row["case_key"] is not None
+        return list(row["woken"]), ((row["case_key"], row["position"]) if more else None)
 
 
 class PostgresTimerStore:
