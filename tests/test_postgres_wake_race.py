@@ -1,11 +1,14 @@
 """No lost wake-up under concurrency: a park (`PostgresCaseStore.park`) that overlaps a publish on
-a resource it waits on, or the last save of a child it awaits, orders itself after it and sees it."""
+a resource it waits on, or the last save of a child it awaits, orders itself after it and sees it.
+And the sweep's safety net (`wake_met`) costs a bounded range of the waits, however many wait."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,6 +22,7 @@ from tianshu_core import (
     WorkflowResult,
     connect_postgres,
 )
+from tianshu_core.stores.postgres.waits import _WAKE_MET
 
 pytestmark = pytest.mark.postgres
 
@@ -102,3 +106,53 @@ async def test_a_park_waits_for_an_in_flight_last_save_of_a_child(pg_migrated_ur
     finally:
         await saver.close()
         await stores.close()
+
+
+def _scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan, depth first."""
+    return [plan, *(node for child in plan.get("Plans", []) for node in _scans(child))]
+
+
+async def test_the_sweep_reads_a_bounded_range_of_the_waits_whatever_their_number(
+    pg_migrated_url: str,
+) -> None:
+    """`wake_met` looks at `limit` waits through the waits' primary key, and probes the cases and
+    events by index for those alone: never the whole table of waiting cases."""
+    prefix, n, limit = f"many-{uuid.uuid4().hex[:8]}", 5000, 20
+    conn = await asyncpg.connect(pg_migrated_url)
+    try:
+        await conn.execute(
+            "INSERT INTO tianshu_cases (case_key, session_id, workflow_code, execution_state, lifecycle, "
+            "created_at, updated_at) SELECT $1 || i, $1 || i, 'waiter', 'waiting', 'normal', now(), now() "
+            "FROM generate_series(1, $2) AS i",
+            prefix,
+            n,
+        )
+        await conn.execute(
+            "INSERT INTO tianshu_waits (case_key, position, resource_type, resource_id, step_name) "
+            "SELECT $1 || i, 1, 'order', $1 || i, 'e' FROM generate_series(1, $2) AS i",
+            prefix,
+            n,
+        )
+        await conn.execute(  # events on other resources: the probes must not read them
+            "INSERT INTO tianshu_events (resource_type, resource_id, payload, published_at) "
+            "SELECT 'other', $1 || i, '1', now() FROM generate_series(1, $2) AS i",
+            prefix,
+            n,
+        )
+        await conn.execute("ANALYZE tianshu_cases; ANALYZE tianshu_waits; ANALYZE tianshu_events")
+        # None of them has its event: the statement reads and changes nothing else.
+        plan_text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_WAKE_MET}", prefix, 0, limit)
+        nodes = _scans(json.loads(plan_text)[0]["Plan"])
+        for node in nodes:
+            if node.get("Relation Name") in ("tianshu_waits", "tianshu_cases", "tianshu_events"):
+                assert node["Node Type"] != "Seq Scan", node
+                assert node["Actual Rows"] * node["Actual Loops"] <= limit, node
+        assert any(
+            node.get("Index Name") == "tianshu_waits_pkey" and node["Actual Rows"] == limit for node in nodes
+        )
+    finally:
+        await conn.execute("DELETE FROM tianshu_events WHERE resource_id LIKE $1 || '%'", prefix)
+        await conn.execute("DELETE FROM tianshu_waits WHERE case_key LIKE $1 || '%'", prefix)
+        await conn.execute("DELETE FROM tianshu_cases WHERE case_key LIKE $1 || '%'", prefix)
+        await conn.close()

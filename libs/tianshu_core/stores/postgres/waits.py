@@ -50,12 +50,20 @@ WITH batch AS MATERIALIZED (
     WHERE (case_key, position) > ($1, $2)
     ORDER BY case_key, position LIMIT $3
 ), met AS (
-    SELECT DISTINCT b.case_key FROM batch b JOIN tianshu_cases c ON c.case_key = b.case_key
-    WHERE c.execution_state = 'waiting' AND CASE
+    -- Per row of the batch, its case by primary key (OFFSET 0 keeps it a probe: joined, the
+    -- planner may hash the whole table); its open children by tianshu_cases_parent_idx (a scalar
+    -- subquery, for the same reason).
+    SELECT DISTINCT b.case_key FROM batch b
+    CROSS JOIN LATERAL (
+        SELECT c.case_key, c.created_at, c.children_pending FROM tianshu_cases c
+        WHERE c.case_key = b.case_key AND c.execution_state = 'waiting' OFFSET 0
+    ) c
+    WHERE CASE
         WHEN b.resource_type = '{CHILDREN_RESOURCE}' THEN
-            coalesce(c.children_pending = 0, false) OR NOT EXISTS (
-                SELECT 1 FROM tianshu_cases ch
-                WHERE ch.parent_key = c.case_key AND ch.execution_state NOT IN ('finished', 'failed'))
+            coalesce(c.children_pending = 0, false) OR (
+                SELECT ch.case_key FROM tianshu_cases ch
+                WHERE ch.parent_key = c.case_key AND ch.execution_state NOT IN ('finished', 'failed')
+                LIMIT 1) IS NULL
         ELSE EXISTS (
             SELECT 1 FROM tianshu_events e
             WHERE (e.resource_type, e.resource_id, e.seq) > (b.resource_type, b.resource_id, b.after_seq)
