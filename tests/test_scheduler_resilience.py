@@ -8,11 +8,13 @@ their time limits are safety nets against a hang, never performance thresholds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from tests._nats import NatsServerFactory
 from tests._services import (
@@ -36,7 +39,9 @@ from tests._services import (
     request_start,
     send_command,
 )
+from tests.e2e_workflows import registry as e2e_registry
 from tianshu_contracts import CancelCase, PauseCase, ResumeCase, subjects
+from tianshu_core import Engine, ExecutionState, connect_postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nats, pytest.mark.postgres]
 
@@ -496,3 +501,66 @@ async def test_parent_with_20_children_finishes_with_their_outputs_in_order(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_the_sweep_runs_a_case_whose_event_was_stored_while_no_scheduler_ran(
+    tmp_path: Path,
+    spawn: Spawn,
+    replicas: list[SchedulerProcess],
+    db: CaseDb,
+    pg_migrated_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TIANSHU_TEST_EFFECTS", str(tmp_path))
+    key = new_key("unseen")
+    stores = await connect_postgres(pg_migrated_url, max_size=2)
+    try:
+        parked = await Engine(stores, e2e_registry).run_workflow("e2e_wait", case_key=key)
+        assert parked.execution_state is ExecutionState.WAITING
+        # Its event stored without its wake, as a replica of an older release dying between the
+        # two could leave it; no scheduler runs.
+        now = datetime.now(UTC)
+        await stores.events.publish(
+            "order", key, {"late": 1}, event_id=None, published_at=now, dedupe_since=now
+        )
+    finally:
+        await stores.close()
+    spawn()
+    done = await db.wait_state(key, "finished", context=logs(replicas))
+    assert done["output"] == {"late": 1}
+
+
+@pytest.mark.slow
+async def test_sigkill_loop_over_a_parent_of_50_children_loses_no_wake(
+    tmp_path: Path, spawn: Spawn, replicas: list[SchedulerProcess], nc: Client, db: CaseDb
+) -> None:
+    """SIGKILL the scheduler as soon as children report their end (the last one's included: the
+    moment its parent's wake must already be committed), restart it each time. A child's report
+    is sent after its outcome is stored: one whose scheduler died in between never comes."""
+    ended: asyncio.Queue[str] = asyncio.Queue()
+
+    async def on_finished(msg: Msg) -> None:
+        await ended.put(subjects.case_key_of(msg.subject))
+
+    sub = await nc.subscribe(subjects.CASE_FINISHES, cb=on_finished)
+    replica = spawn()
+    key = await request_start(nc, "e2e_parent", {"children": 50}, key=new_key("fan50"))
+    seen: set[str] = set()
+    kill_at = [1, 10, 30, 50]  # kill when this many children have reported their end
+    kills = 0
+    try:
+        while kill_at:
+            child = await asyncio.wait_for(ended.get(), 60)
+            if child == key:
+                break
+            seen.add(child)
+            if len(seen) >= kill_at[0]:
+                replica.kill()
+                kills += 1
+                kill_at = [n for n in kill_at if n > len(seen)]
+                replica = spawn()
+    finally:
+        await sub.unsubscribe()
+    assert kills >= 3, f"{kills} kills; {len(seen)} children reported their end"
+    done = await db.wait_state(key, "finished", within=60, context=logs(replicas))
+    assert done["output"] == [{"n": i, "did": f"child-{i}"} for i in range(50)]
