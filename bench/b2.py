@@ -62,9 +62,9 @@ def p99(values: list[float]) -> float:
 
 
 class Services:
-    """A nats-server and a scheduler, as processes."""
+    """A nats-server and a scheduler (running the workflows of module `workflows`), as processes."""
 
-    def __init__(self, url: str, workdir: Path) -> None:
+    def __init__(self, url: str, workdir: Path, workflows: str = "bench.b2_workflows") -> None:
         self.port = free_port()
         self.nats_url = f"nats://127.0.0.1:{self.port}"
         self.ready = workdir / "scheduler.ready"
@@ -79,7 +79,7 @@ class Services:
             "PYTHONPATH": str(ROOT),
             "TIANSHU_DATABASE_URL": url,
             "TIANSHU_NATS_URL": self.nats_url,
-            "TIANSHU_WORKFLOWS": "bench.b2_workflows",
+            "TIANSHU_WORKFLOWS": workflows,
             "TIANSHU_SCHEDULER_READY_FILE": str(self.ready),
             "TIANSHU_LOG_LEVEL": "WARNING",
         }
@@ -95,7 +95,7 @@ class Services:
                 break
             except OSError:
                 if self.nats.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("b2: nats-server did not start") from None
+                    raise SystemExit("bench: nats-server did not start") from None
                 time.sleep(0.02)
         with self._log.open("ab") as log:
             self.scheduler = subprocess.Popen(
@@ -107,7 +107,7 @@ class Services:
         deadline = time.monotonic() + 60
         while not self.ready.exists():
             if self.scheduler.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("b2: the scheduler did not start:\n" + self._log.read_text()[-3000:])
+                raise SystemExit("bench: the scheduler did not start:\n" + self._log.read_text()[-3000:])
             time.sleep(0.02)
 
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""Sets tianshu's B1-B4 beside the anchors measured in the same run: the ratios and their targets.
+"""Sets tianshu's B1-B4 and B6 beside the anchors measured in the same run: the ratios and their targets.
 
 Usage: python bench/compare.py RESULTS      (RESULTS: the lines the systems printed, one each)
 Prints 'ratios tianshu/dbos=…x tianshu/langgraph=…x seq_p50/asyncpg_commit_p50=…x …', then one
@@ -34,6 +34,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         "b4_ttft_overhead_p50_ms",
         "b4_concurrent_ratio",
         "b4_step_overhead_ratio",
+        "b6_children_per_child_ratio_1000_10",
     ),
     "dbos": ("steps_per_s", "wake_p50_ms", "wake_p99_ms"),
     "langgraph": ("steps_per_s",),
@@ -75,6 +76,7 @@ TARGETS: list[tuple[str, str, float | RatioPlus]] = [
     ("b4_ttft_overhead_p50/b4_nats_rr_p50", "<=", 4.0),
     ("b4_step_overhead_ratio", "<=", RatioPlus("b3_tool_rt_p50/nats_rr_p50", 1.0)),
     ("b4_concurrent_ratio", ">=", 0.5),
+    ("b6_children_per_child_ratio_1000_10", "<=", 2.0),
 ]
 # Differences of two medians (or p99s): noise can make them zero or negative; they only have to be numbers.
 SIGNED = frozenset(
@@ -147,6 +149,7 @@ def ratios(found: dict[str, dict[str, float]]) -> dict[str, float]:
         "b4_ttft_overhead_p50/b4_nats_rr_p50": t["b4_ttft_overhead_p50_ms"] / t["b4_nats_rr_p50_ms"],
         "b4_step_overhead_ratio": t["b4_step_overhead_ratio"],
         "b4_concurrent_ratio": t["b4_concurrent_ratio"],
+        "b6_children_per_child_ratio_1000_10": t["b6_children_per_child_ratio_1000_10"],
     }
 
 
