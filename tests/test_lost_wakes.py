@@ -66,12 +66,12 @@ def _wrapped(stores: Stores, hook: Hook) -> Stores:
     """The same stores, with `hook` around every call of the case, wait and event stores."""
     return Stores(
         sessions=stores.sessions,
-        cases=_Proxy(stores.cases, lambda n, p, a: hook(f"cases.{n}", p, a)),  # type: ignore[arg-type]
+        cases=_Proxy(stores.cases, lambda n, p, a: hook(f"cases.{n}", p, a)),
         leases=stores.leases,
         journal=stores.journal,
         state=stores.state,
-        waits=_Proxy(stores.waits, lambda n, p, a: hook(f"waits.{n}", p, a)),  # type: ignore[arg-type]
-        events=_Proxy(stores.events, lambda n, p, a: hook(f"events.{n}", p, a)),  # type: ignore[arg-type]
+        waits=_Proxy(stores.waits, lambda n, p, a: hook(f"waits.{n}", p, a)),
+        events=_Proxy(stores.events, lambda n, p, a: hook(f"events.{n}", p, a)),
         timers=stores.timers,
         usage=stores.usage,
     )
