@@ -694,9 +694,11 @@ class Engine:
         met among the next `tick_batch` waits, going on where the last call stopped, a full
         round every (waits / tick_batch) calls. Each call reads a bounded range of the waits'
         index, whatever the number of waiting cases."""
-        woken, self._sweep_after = await self.stores.waits.wake_met(
-            self._sweep_after, limit=self.config.tick_batch
-        )
+        with tracer.start_as_current_span("tianshu.wake_met") as span:
+            woken, self._sweep_after = await self.stores.waits.wake_met(
+                self._sweep_after, limit=self.config.tick_batch
+            )
+            span.set_attribute("tianshu.woken", len(woken))
         if woken:
             log.warning("woke %d waiting cases whose condition was met: %s", len(woken), ", ".join(woken))
             for listener in self._wake_listeners:
