@@ -231,14 +231,20 @@ async def test_the_sweep_wakes_a_waiting_case_whose_event_was_stored_without_its
             published_at=backend.clock.now(),
             dedupe_since=backend.clock.now(),
         )
-    woken: list[str] = []
-    for _ in range(3):  # five waits, two a call: a full round
-        woken += await engine.wake_met()
-    assert woken == keys[1:4]
+    assert [k for k in await _full_round(engine) if k in keys] == keys[1:4]
     await engine.run_until_idle()
     states = {k: (await engine.get_case(k)).execution_state for k in keys}
     assert states == {k: ExecutionState.FINISHED if k in keys[1:4] else ExecutionState.WAITING for k in keys}
-    assert await engine.wake_met() == []  # and nothing is woken twice
+    assert not set(await _full_round(engine)) & set(keys)  # and nothing is woken twice
+
+
+async def _full_round(engine: Engine) -> list[str]:
+    """`wake_met` until it has been through every wait (of this test database: other tests'
+    too), two a call; the keys woken."""
+    woken = await engine.wake_met()
+    while engine._sweep_after is not None:
+        woken += await engine.wake_met()
+    return woken
 
 
 async def test_the_sweep_wakes_a_parent_whose_children_all_ended_unseen(backend: Backend) -> None:
@@ -251,6 +257,6 @@ async def test_the_sweep_wakes_a_parent_whose_children_all_ended_unseen(backend:
         child.execution_state, child.output = ExecutionState.FINISHED, 0
         await backend.stores.cases.upsert(child)
     assert (await engine.get_case(parent.case_key)).execution_state is ExecutionState.WAITING
-    assert await engine.wake_met() == [parent.case_key]
+    assert parent.case_key in await _full_round(engine)
     await engine.run_until_idle()
     assert (await engine.get_case(parent.case_key)).output == [0, 0]

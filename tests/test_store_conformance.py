@@ -1104,3 +1104,67 @@ def test_usage_row_from_a_result_sums_every_attempt() -> None:
     row = UsageRow.from_result(failed)
     assert (row.provider, row.model, row.attempts, row.input_tokens) == (None, None, 1, 5)
     assert row.error_class == "unavailable" and row.session_id is None
+
+
+# -- parking and children's wakes ---------------------------------------------------------------
+
+
+async def test_park_stores_the_waits_and_the_case_in_one_fenced_write(stores: Stores) -> None:
+    case = make_case()
+    lease = await stores.leases.create_leased(case, "me", 30)
+    assert lease is not None
+    pred = PollPredicate(resource_type="order", resource_id=uid("r"), step_name="e")
+    with pytest.raises(LeaseLostError):
+        await stores.cases.park(case, lease.token + 1, [pred], {})
+    assert await stores.waits.for_case(case.case_key) == []  # refused: nothing stored
+    assert await stores.cases.park(case, lease.token, [pred], {}) is True
+    assert case.execution_state is ExecutionState.WAITING
+    assert await stores.waits.for_case(case.case_key) == [pred]
+    stored = await stores.cases.get_by_key(case.case_key)
+    assert stored is not None and stored.execution_state is ExecutionState.WAITING
+    assert await stores.leases.acquire(case.case_key, "other", 30) is not None  # released
+
+
+async def test_park_with_an_event_already_there_stores_the_case_running(stores: Stores) -> None:
+    case = make_case()
+    lease = await stores.leases.create_leased(case, "me", 30)
+    assert lease is not None
+    resource = uid("r")
+    first, _ = await stores.events.publish(
+        "order", resource, 1, event_id=None, published_at=NOW, dedupe_since=NOW
+    )
+    pred = PollPredicate(resource_type="order", resource_id=resource, step_name="e")
+    # Consumed up to `first`: nothing new, it waits; one more event, and it does not.
+    assert await stores.cases.park(case, lease.token, [pred], {("order", resource): first.seq}) is True
+    lease = await stores.leases.acquire(case.case_key, "me", 30)
+    assert lease is not None
+    await stores.events.publish("order", resource, 2, event_id=None, published_at=NOW, dedupe_since=NOW)
+    assert await stores.cases.park(case, lease.token, [pred], {("order", resource): first.seq}) is False
+    assert case.execution_state is ExecutionState.RUNNING
+    assert await stores.waits.for_case(case.case_key) == []
+
+
+async def test_the_last_awaited_child_to_end_wakes_its_parent_in_its_save(stores: Stores) -> None:
+    parent = make_case()
+    please = await stores.leases.create_leased(parent, "me", 30)
+    assert please is not None
+    children = [make_case(parent.session_id, parent_key=parent.case_key) for _ in range(3)]
+    for child in children:
+        assert await stores.cases.insert(child)
+    found = await stores.cases.get_many([c.case_key for c in children] + [uid("missing")])
+    assert sorted(c.case_key for c in found) == sorted(c.case_key for c in children)
+    leases = [await stores.leases.acquire(c.case_key, "me", 30) for c in children]
+    first = children[0]
+    first.execution_state = ExecutionState.FINISHED
+    assert leases[0] is not None
+    assert await stores.cases.save(first, leases[0].token, release=True) == []  # not awaited yet
+    pred = PollPredicate(resource_type="tianshu-children", resource_id=parent.case_key, step_name="c")
+    keys = [c.case_key for c in children]
+    assert await stores.cases.park(parent, please.token, [pred], {}, keys) is True  # two still open
+    for child, lease, woken in zip(children[1:], leases[1:], [[], [parent.case_key]], strict=True):
+        assert lease is not None
+        child.execution_state = ExecutionState.FAILED
+        assert await stores.cases.save(child, lease.token, release=True) == woken
+    stored = await stores.cases.get_by_key(parent.case_key)
+    assert stored is not None and stored.execution_state is ExecutionState.RUNNING
+    assert await stores.waits.for_case(parent.case_key) == []

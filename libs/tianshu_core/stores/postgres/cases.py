@@ -288,7 +288,8 @@ class PostgresCaseStore:
             if exc.sqlstate == _LEASE_LOST:
                 raise LeaseLostError(case.case_key, token) from exc
             raise
-        assert row is not None  # tianshu_park raised unless the case row is ours and locked
+        if row is None:  # the UPDATE found no row of ours (and tianshu_park may not have run)
+            raise LeaseLostError(case.case_key, token)
         case.lifecycle_state = Lifecycle(row["lifecycle"])
         case.failures = 0
         case.execution_state = ExecutionState.RUNNING if row["ready"] else ExecutionState.WAITING
