@@ -1,8 +1,12 @@
+-- compatible-with: 0007
 -- Every wake a stored change implies is committed with that change:
 -- * a case that waits stores its waits, its state and the recheck for what came meanwhile in one
 --   statement (tianshu_park), holding the publish lock of each resource it waits on;
 -- * a child that ends, awaited by its parent, counts itself out in the transaction that stores its
 --   outcome, and the last one wakes the parent (PostgresCaseStore.save).
+-- Code of 0007 keeps working: it knows none of this and needs none of it (the columns have
+-- defaults; a parent it parks without a count is woken by its children as before, or by the
+-- sweep of a newer replica, Engine.wake_met).
 
 -- On a child: its parent parked awaiting it (set by tianshu_park, read by the child's last save).
 ALTER TABLE tianshu_cases ADD COLUMN parent_awaits boolean NOT NULL DEFAULT false;
