@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tianshu_core import SpawnConfig, WaitTimeoutError, WorkflowContext, WorkflowRegistry, WorkflowResult
+from tianshu_core import (
+    SpawnConfig,
+    Waiting,
+    WaitTimeoutError,
+    WorkflowContext,
+    WorkflowRegistry,
+    WorkflowResult,
+)
 
 registry = WorkflowRegistry()
 
@@ -144,3 +151,18 @@ async def fence(ctx: WorkflowContext) -> WorkflowResult:
         return await ctx.finish("done", output={"pid": me})
     await ctx.wait_for_event("park", ctx.case.case_key)
     return await ctx.finish("unparked")
+
+
+@registry.workflow("e2e_bad_output")
+async def bad_output(ctx: WorkflowContext) -> WorkflowResult:
+    """A step, then an output Postgres cannot store: a NUL character the workflow made itself."""
+    await ctx.step("made", lambda: effect(ctx, "made"))
+    return await ctx.finish("done", output={"text": "a" + chr(0) + "b"})
+
+
+@registry.workflow("e2e_broken_waiting")
+async def broken_waiting(ctx: WorkflowContext) -> WorkflowResult:
+    """A step, then a result the engine cannot store (a bug): every run fails the same way."""
+    await ctx.step("made", lambda: effect(ctx, "made"))
+    effect(ctx, "run")
+    return Waiting(["not a predicate"])  # type: ignore[list-item]
