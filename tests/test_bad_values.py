@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from tests._backends import Backend
 from tianshu_core import (
@@ -26,12 +28,24 @@ from tianshu_core import (
     WorkflowResult,
 )
 
+
+class Reading(BaseModel):
+    value: float
+
+
+@dataclass
+class Point:
+    x: float
+
+
 # Values no store can keep, and the reason the error gives (with where in the value it is).
 BAD = [
     pytest.param({"text": "a\x00b"}, r"a NUL character .* at \$\.text$", id="nul"),
     pytest.param({"k": {"a\x00": 1}}, r"a NUL character .* in a key at \$\.k$", id="nul-in-key"),
     pytest.param({"x": [1.0, float("nan")]}, r"nan at \$\.x\[1\]", id="nan"),
     pytest.param({"x": float("-inf")}, r"-inf at \$\.x", id="infinity"),
+    pytest.param({"r": [Reading(value=float("nan"))]}, r"nan at \$\.r\[0\]\.value", id="nan-in-a-model"),
+    pytest.param({"p": Point(x=float("inf"))}, r"inf at \$\.p\.x", id="infinity-in-a-dataclass"),
     pytest.param({"n": [2**64]}, r"an integer beyond 64 bits at \$\.n\[0\]$", id="int-over-64-bits"),
     pytest.param({"s": "a\udc00"}, r"a lone surrogate in a string at \$\.s$", id="lone-surrogate"),
     pytest.param({"\ud800": 1}, r"a lone surrogate in a key at \$$", id="lone-surrogate-in-key"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -58,8 +58,8 @@ def encode(what: str, value: Any) -> bytes:
         data = orjson.dumps(value, default=_default)
     except TypeError as exc:  # orjson.JSONEncodeError included
         raise UnstorableValueError(what, _problem_in(value) or str(exc)) from exc
-    if _NULL in data and (problem := _problem_in(value)) is not None:
-        raise UnstorableValueError(what, problem)
+    if _NULL in data and _non_finite(value):
+        raise UnstorableValueError(what, _problem_in(value) or "NaN or an infinity, which JSON cannot carry")
     if NUL_ESCAPE in data and (path := nul_path(orjson.loads(data))) is not None:
         raise UnstorableValueError(what, f"a NUL character (\\u0000), which Postgres refuses, {path}")
     return data
@@ -116,6 +116,36 @@ def _problem_in(value: Any) -> str | None:
                 if not key.isascii() and not _utf8(key):
                     return f"a lone surrogate in a key at {_path(at)}"
     return None
+
+
+# Types that never hold a float: a walk skips them without a call.
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether `value` (one orjson encoded: no cycle, bounded depth) holds NaN or an infinity.
+
+    The fast check on every value whose JSON has a `null`: plain JSON types in a tight loop,
+    anything else by the general walk. `_problem_in` then says where.
+    """
+    kind = type(value)
+    if kind is float:
+        return not math.isfinite(value)
+    inner: Iterable[Any]
+    if kind is dict:
+        inner = value.values()
+    elif kind is list or kind is tuple:
+        inner = value
+    elif kind in _PLAIN:
+        return False
+    elif isinstance(value, BaseModel):
+        inner = (value.model_dump(mode="json"),)
+    else:
+        return _problem_in(value) is not None
+    for item in inner:  # noqa: SIM110 - a loop: any() over a generator took half as long again
+        if type(item) not in _PLAIN and _non_finite(item):
+            return True
+    return False
 
 
 # Where an item sits: None for the top, else (where its container sits, its key or index). Built
