@@ -77,7 +77,9 @@ class Suspend(BaseException):
 
 
 class StoreFailure(BaseException):
-    """A store call made on the workflow's behalf failed: the run is abandoned, not the case.
+    """A store (or bus) call made on the workflow's behalf failed: the run ends, and the engine
+    judges the cause, not the workflow (an outage delays the case, a refused write fails it, any
+    other failure backs it off; see `Engine._run_failed`).
 
     A BaseException so that a workflow's `except Exception` cannot mistake it for its own error.
     """
