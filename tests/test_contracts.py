@@ -433,3 +433,30 @@ def test_token_decoding_errors_agree_with_the_core(bad: str) -> None:
     else:
         with pytest.raises(ValueError):
             tokens.decode_token(bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "broken"),
+    [
+        ("x" * 201, "it has 201 characters, over the limit of 200"),
+        ("order 42", "' ' (at index 5) is not allowed"),
+        ("", "it is empty"),
+    ],
+)
+def test_a_refused_resource_id_says_which_rule_it_broke_and_how_to_encode(bad: str, broken: str) -> None:
+    with pytest.raises(ValueError, match="neither a plain nor an encoded token") as refused:
+        subjects.parse_event(f"tianshu.v1.events.order.{bad}")
+    message = str(refused.value)
+    assert broken in message
+    assert "unpadded URL-safe base64 of its UTF-8 bytes" in message and "encode_token()" in message
+    # A long id is shown cut, not whole.
+    assert len(message) < 600
+    # The id the message tells us to send is taken, and is the one that was meant.
+    if bad:
+        assert subjects.parse_event(f"tianshu.v1.events.order.{tokens.encode_token(bad)}") == ("order", bad)
+
+
+def test_the_longest_plain_resource_id_is_200_characters() -> None:
+    assert tokens.MAX_TOKEN_LENGTH == 200
+    assert subjects.parse_event("tianshu.v1.events.order." + "x" * 200) == ("order", "x" * 200)
+    assert tokens.encode_token("x" * 201).startswith("~")

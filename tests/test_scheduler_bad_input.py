@@ -72,6 +72,8 @@ class Garbage:
     code: str | None = None
     """The error code the DeadLetter / RequestRefused must carry (defaults to `reason`)."""
     headers: dict[str, str] | None = None
+    says: str | None = None
+    """Words the error's message must hold, where the message is what the user acts on."""
 
     @property
     def expected_code(self) -> str:
@@ -306,6 +308,14 @@ def stream_garbage(run: str, existing: str) -> list[Garbage]:
         Garbage(
             "event: resource type not plain", "tianshu.v1.events.or~der.x", b"{}", "refused", "bad_subject"
         ),
+        Garbage(
+            "event: plain resource id over 200 characters",
+            "tianshu.v1.events.order." + "x" * 201,
+            b"{}",
+            "refused",
+            "bad_subject",
+            says="201 characters, over the limit of 200",
+        ),
     ]
 
 
@@ -437,6 +447,7 @@ async def test_garbage_on_every_subject_is_refused_with_a_reason_and_the_schedul
             assert letter.reason.value == item.reason, (item.name, letter.reason, letter.error)
             assert letter.error.code == item.expected_code, (item.name, letter.error)
             assert letter.error.message, item.name
+            assert item.says is None or item.says in letter.error.message, (item.name, letter.error)
             assert letter.subject == item.subject and msg.subject == subjects.dead_letter(item.subject)
             assert msg.headers is not None
             assert msg.headers[subjects.HEADER_DEAD_LETTER_REASON] == item.reason
