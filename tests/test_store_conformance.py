@@ -19,10 +19,13 @@ import pytest
 from tianshu_contracts.errors import WireError
 from tianshu_contracts.gateway import LlmCallResult, UsageSummary
 from tianshu_contracts.llm import LlmAttempt, LlmErrorClass, LlmResponse, Usage
-from tianshu_core.errors import ErrorInfo, LeaseLostError
+from tianshu_core.engine import Engine
+from tianshu_core.errors import ErrorInfo, InvalidCursorError, LeaseLostError
 from tianshu_core.models import (
     Case,
+    CaseCursor,
     CaseFilter,
+    CasePage,
     ExecutionState,
     Fence,
     JournalEntry,
@@ -161,9 +164,40 @@ async def test_case_list_and_count_filters(stores: Stores) -> None:
     await check(CaseFilter(session_id=sid, lifecycle_state=Lifecycle.NORMAL, workflow_code="wf"), [d])
     await check(CaseFilter(session_id=uid("sess")), [])
     assert await stores.cases.list(CaseFilter(session_id=sid), limit=2) == [a, b]
-    assert await stores.cases.list(CaseFilter(session_id=sid), limit=2, offset=3) == [d]
+    with pytest.warns(DeprecationWarning, match="offset"):
+        assert await stores.cases.list(CaseFilter(session_id=sid), limit=2, offset=3) == [d]
     assert await stores.cases.count() >= 4
     assert len(await stores.cases.list(None, limit=3)) == 3
+
+
+async def test_case_pages_follow_their_cursor_to_the_end(stores: Stores) -> None:
+    """Keyset pages: every case once, in order (created_at, then key for a tie), under a filter
+    too, with a case created behind the cursor and one deleted ahead of it meanwhile."""
+    sid, wf = uid("sess"), uid("wf")
+    cases = [make_case(sid, at=i // 2, case_key=f"{sid}-{i}", workflow_code=wf) for i in range(7)]
+    for case in reversed(cases):
+        await stores.cases.insert(case)
+    engine = Engine(stores)
+    flt = CaseFilter(session_id=sid)
+
+    first = await engine.list_cases(flt, limit=2)
+    assert first.cases == cases[:2] and first.next_cursor is not None
+    await stores.cases.insert(make_case(sid, at=-1, workflow_code=wf))  # behind: not listed now
+    await stores.cases.delete(cases[3].case_key)  # ahead: not listed either
+    second = await engine.list_cases(flt, limit=2, cursor=first.next_cursor)
+    assert second.cases == [cases[2], cases[4]] and second.next_cursor is not None
+    # The last page says so: no cursor, rather than a cursor to an empty page.
+    last = await engine.list_cases(flt, limit=2, cursor=second.next_cursor)
+    assert last == CasePage(cases=cases[5:], next_cursor=None)
+
+    running = CaseFilter(workflow_code=wf, execution_state=ExecutionState.RUNNING)
+    assert (await engine.list_cases(running, limit=7)).next_cursor is None
+
+    for bad in ("nonsense", first.next_cursor[:-3], "", CaseCursor(NOW, "x").encode().replace("A", "@")):
+        with pytest.raises(InvalidCursorError):
+            await engine.list_cases(flt, cursor=bad)
+    with pytest.raises(ValueError, match="limit"):
+        await engine.list_cases(flt, limit=0)
 
 
 # -- state --------------------------------------------------------------------------------------

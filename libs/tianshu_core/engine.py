@@ -37,6 +37,9 @@ from .errors import (
 from .logs import current_case
 from .models import (
     Case,
+    CaseCursor,
+    CaseFilter,
+    CasePage,
     Event,
     EventLookahead,
     ExecutionState,
@@ -770,6 +773,23 @@ class Engine:
         if case is None:
             raise CaseNotFoundError(case_key)
         return case
+
+    async def list_cases(
+        self, flt: CaseFilter | None = None, *, limit: int = 50, cursor: str | None = None
+    ) -> CasePage:
+        """A page of the cases matching `flt`, oldest first; its `next_cursor` asks for the next.
+
+        Keyset paging: a page starts right after the last case of the one before, so every page
+        costs what the first costs however deep it is, and no case is listed twice or skipped
+        when others are created or deleted in between. InvalidCursorError for a cursor that no
+        listing returned."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        after = None if cursor is None else CaseCursor.decode(cursor)
+        found = await self.stores.cases.list(flt, limit=limit + 1, after=after)
+        cases = found[:limit]
+        more = len(found) > limit
+        return CasePage(cases=cases, next_cursor=CaseCursor.of(cases[-1]).encode() if more else None)
 
     async def history(self, case_key: str) -> list[JournalEntry]:
         """The case's journal: every durable effect, in order."""

@@ -169,6 +169,12 @@ class InvalidTokenError(TianshuError):
     code = "invalid_token"
 
 
+class InvalidCursorError(TianshuError):
+    """A page cursor that no listing returned (cut, edited, or from another program)."""
+
+    code = "invalid_cursor"
+
+
 class PayloadTooLargeError(TianshuError):
     """An event payload is larger than the configured limit."""
 

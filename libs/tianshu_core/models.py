@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ErrorInfo
+from .errors import ErrorInfo, InvalidCursorError
 
 
 class ExecutionState(enum.StrEnum):
@@ -123,6 +125,55 @@ class CaseFilter(BaseModel):
     execution_state: ExecutionState | None = None
     lifecycle_state: Lifecycle | None = None
     parent_key: str | None = None
+
+
+class CaseCursor(NamedTuple):
+    """Where a page of cases ends: the (created_at, case_key) of its last case.
+
+    The next page starts after it, which an index finds at once: page 10,000 costs what page 1
+    costs, where an OFFSET reads and drops every row before the page. Cases created meanwhile
+    appear in order, and none is listed twice or skipped when another one is deleted."""
+
+    created_at: datetime
+    case_key: str
+
+    @classmethod
+    def of(cls, case: Case) -> CaseCursor:
+        """The cursor just after `case`."""
+        return cls(case.created_at, case.case_key)
+
+    def encode(self) -> str:
+        """An opaque, URL- and shell-safe string (`decode` reads it back)."""
+        text = f"{self.created_at.isoformat()}|{self.case_key}"
+        return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+    @classmethod
+    def decode(cls, cursor: str) -> CaseCursor:
+        """Read an `encode`d cursor; InvalidCursorError for anything else."""
+        try:
+            text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+            created, key = text.split("|", 1)
+            created_at = datetime.fromisoformat(created)
+        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidCursorError(f"{cursor[:40]!r} is not a cursor a case listing returned") from exc
+        if created_at.tzinfo is None or not key:
+            raise InvalidCursorError(f"{cursor[:40]!r} is not a cursor a case listing returned")
+        return cls(created_at, key)
+
+
+OFFSET_DEPRECATED = (
+    "CaseStore.list(offset=...) is deprecated: an offset reads and drops every case before the page, "
+    "so deep pages cost more and more; pass after=CaseCursor.of(last case) or use Engine.list_cases"
+)
+
+
+class CasePage(BaseModel):
+    """One page of a case listing, oldest first, and the cursor of the next (None on the last)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cases: list[Case]
+    next_cursor: str | None = None
 
 
 class JournalKind(enum.StrEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import itertools
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from ..clock import Clock, SystemClock
 from ..errors import CaseInterruptedError, LeaseLostError
 from ..models import (
     CHILDREN_RESOURCE,
+    OFFSET_DEPRECATED,
     Case,
+    CaseCursor,
     CaseFilter,
     Event,
     EventLookahead,
@@ -178,9 +181,18 @@ class InMemoryCaseStore:
         return await self.list(CaseFilter(session_id=session_id), limit=1_000_000)
 
     async def list(
-        self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0
+        self,
+        flt: CaseFilter | None = None,
+        *,
+        limit: int = 100,
+        after: CaseCursor | None = None,
+        offset: int = 0,
     ) -> builtins.list[Case]:
-        found = sorted((c for c in self._db.cases.values() if _matches(c, flt)), key=lambda c: c.created_at)
+        if offset:
+            warnings.warn(OFFSET_DEPRECATED, DeprecationWarning, stacklevel=2)
+        found = sorted((c for c in self._db.cases.values() if _matches(c, flt)), key=CaseCursor.of)
+        if after is not None:
+            found = [c for c in found if CaseCursor.of(c) > after]
         return [_copy(c) for c in found[offset : offset + limit]]
 
     async def count(self, flt: CaseFilter | None = None) -> int:

@@ -19,6 +19,7 @@ from tianshu_contracts.llm import LlmErrorClass, Usage
 
 from ..models import (
     Case,
+    CaseCursor,
     CaseFilter,
     Event,
     Fence,
@@ -54,9 +55,15 @@ class CaseStore(Protocol):
     async def get_by_key(self, case_key: str) -> Case | None: ...
     async def get_by_session(self, session_id: str) -> list[Case]: ...
     async def list(
-        self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0
+        self,
+        flt: CaseFilter | None = None,
+        *,
+        limit: int = 100,
+        after: CaseCursor | None = None,
+        offset: int = 0,
     ) -> builtins.list[Case]:
-        """Cases matching the filter, oldest first."""
+        """Cases matching the filter, oldest first (by created_at, then case_key), starting after
+        `after`. `offset` is deprecated (a DeprecationWarning): it costs as much as the rows it skips."""
         ...
 
     async def count(self, flt: CaseFilter | None = None) -> int: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -10,7 +11,17 @@ from typing import Any
 import asyncpg
 
 from ...errors import LeaseLostError
-from ...models import Case, CaseFilter, ExecutionState, Fence, Lease, Lifecycle, PollPredicate
+from ...models import (
+    OFFSET_DEPRECATED,
+    Case,
+    CaseCursor,
+    CaseFilter,
+    ExecutionState,
+    Fence,
+    Lease,
+    Lifecycle,
+    PollPredicate,
+)
 from ._backend import Conn, PgBackend
 from ._codec import (
     CASE_COLUMNS,
@@ -163,6 +174,27 @@ def _where(flt: CaseFilter | None) -> tuple[str, list[Any]]:
     return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
 
 
+def list_query(
+    flt: CaseFilter | None, *, limit: int, after: CaseCursor | None = None, offset: int = 0
+) -> tuple[str, builtins.list[Any]]:
+    """The SQL of `PostgresCaseStore.list` and its parameters (public so that its plan can be read).
+
+    A keyset: the row comparison `(created_at, case_key) > (...)` starts the index scan on
+    `tianshu_cases_created_idx` (or, under a filter, that filter's `(..., created_at)` index) right
+    after the previous page, so a deep page reads as many rows as the first."""
+    where, args = _where(flt)
+    if after is not None:
+        args += [after.created_at, after.case_key]
+        keyset = f"(created_at, case_key) > (${len(args) - 1}, ${len(args)})"
+        where = f"{where} AND {keyset}" if where else f"WHERE {keyset}"
+    args.append(limit)
+    sql = f"SELECT * FROM tianshu_cases {where} ORDER BY created_at, case_key LIMIT ${len(args)}"
+    if offset:
+        args.append(offset)
+        sql += f" OFFSET ${len(args)}"
+    return sql, args
+
+
 class PostgresCaseStore:
     """Cases in `tianshu_cases`.
 
@@ -214,16 +246,18 @@ class PostgresCaseStore:
         return [case_from_row(r) for r in rows]
 
     async def list(
-        self, flt: CaseFilter | None = None, *, limit: int = 100, offset: int = 0
+        self,
+        flt: CaseFilter | None = None,
+        *,
+        limit: int = 100,
+        after: CaseCursor | None = None,
+        offset: int = 0,
     ) -> builtins.list[Case]:
-        """Cases matching the filter, oldest first."""
-        where, args = _where(flt)
-        n = len(args)
-        sql = (
-            f"SELECT * FROM tianshu_cases {where} "
-            f"ORDER BY created_at, case_key LIMIT ${n + 1} OFFSET ${n + 2}"
-        )
-        rows = await self._db.fetch("case list", sql, *args, limit, offset)
+        """Cases matching the filter, oldest first, after `after` (see `list_query`)."""
+        if offset:
+            warnings.warn(OFFSET_DEPRECATED, DeprecationWarning, stacklevel=2)
+        sql, args = list_query(flt, limit=limit, after=after, offset=offset)
+        rows = await self._db.fetch("case list", sql, *args)
         return [case_from_row(r) for r in rows]
 
     async def count(self, flt: CaseFilter | None = None) -> int:
