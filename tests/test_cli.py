@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tianshu_core import Engine, WorkflowContext, WorkflowRegistry, WorkflowResult, connect_postgres
+from tianshu_core import Case, Engine, WorkflowContext, WorkflowRegistry, WorkflowResult, connect_postgres
 
 pytestmark = pytest.mark.postgres
 
@@ -48,6 +51,37 @@ async def test_migrate_list_show_history_purge(pg_migrated_url: str) -> None:
     assert tianshu(pg_migrated_url, "cases", "purge", case.case_key).returncode == 0
     missing = tianshu(pg_migrated_url, "cases", "show", case.case_key)
     assert missing.returncode == 1 and "no case with key" in missing.stderr
+
+
+async def test_cases_list_pages_with_the_cursor_it_prints(pg_migrated_url: str) -> None:
+    session = f"cli-pages-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    stores = await connect_postgres(pg_migrated_url, max_size=2)
+    try:
+        keys = [f"{session}-{i}" for i in range(5)]
+        for i, key in enumerate(keys):
+            at = now + timedelta(seconds=i)
+            await stores.cases.insert(
+                Case(case_key=key, session_id=session, workflow_code="w", created_at=at, updated_at=at)
+            )
+    finally:
+        await stores.close()
+
+    listed: list[str] = []
+    cursor: list[str] = []
+    for _ in range(3):
+        page = tianshu(pg_migrated_url, "cases", "list", "--session", session, "--limit", "2", *cursor)
+        assert page.returncode == 0, page.stderr
+        listed += [line.split("\t")[0] for line in page.stdout.splitlines()]
+        found = re.search(r"^next page: (--cursor \S+)$", page.stderr, re.MULTILINE)
+        cursor = found.group(1).split() if found else []
+    assert listed == keys and not cursor  # the third page is the last, and says so by printing none
+
+    bad = tianshu(pg_migrated_url, "cases", "list", "--cursor", "not-a-cursor")
+    assert bad.returncode == 2 and "is not a cursor a case listing returned" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    zero = tianshu(pg_migrated_url, "cases", "list", "--limit", "0")
+    assert zero.returncode == 2 and "not a page size" in zero.stderr
 
 
 def test_unreachable_database_gives_a_clear_error() -> None:

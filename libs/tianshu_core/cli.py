@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,14 +59,23 @@ def _json_file(path: str) -> Any:
         raise argparse.ArgumentTypeError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def _letter_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a dead letter id (a positive integer)")
-    return value
+def _positive(what: str) -> Callable[[str], int]:
+    """An argparse type: a positive integer, else an error naming `what` it should be."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (a positive integer)")
+        return value
+
+    return parse
+
+
+_letter_id = _positive("a dead letter id")
+_page_size = _positive("a page size")
 
 
 def _origin(text: str) -> str:
@@ -202,7 +211,12 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--state", choices=[s.value for s in ExecutionState])
     ls.add_argument("--workflow")
     ls.add_argument("--session")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=_page_size, default=50, help="cases per page (default 50)")
+    ls.add_argument(
+        "--cursor",
+        help="the page after the one that printed this cursor (each page prints the next page's "
+        "cursor on stderr; no cursor: the first page)",
+    )
     show = cases.add_parser(
         "show", parents=[via_nats], help="one case, with its error if it failed and what its model calls cost"
     )
@@ -536,11 +550,15 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                 workflow_code=args.workflow,
                 session_id=args.session,
             )
-            for case in await stores.cases.list(flt, limit=args.limit):
+            page = await Engine(stores).list_cases(flt, limit=args.limit, cursor=args.cursor)
+            for case in page.cases:
                 print(
                     f"{case.case_key}\t{case.workflow_code}\t{case.execution_state.value}\t"
                     f"{case.lifecycle_state.value}\t{case.updated_at.isoformat()}"
                 )
+            # On stderr, so that stdout stays one case per line for scripts.
+            if page.next_cursor is not None:
+                print(f"next page: --cursor {page.next_cursor}", file=sys.stderr)
             return 0
         if args.command == "purge":
             await stores.cases.delete(args.case_key)
