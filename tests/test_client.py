@@ -86,6 +86,32 @@ async def test_run_returns_the_output_and_starts_are_idempotent(client: TianshuC
     assert await client.get_case(unique("missing")) is None
 
 
+async def test_list_cases_pages_with_a_cursor(client: TianshuClient) -> None:
+    session = unique("client-list")
+    keys = [f"{session}-{i}" for i in range(5)]
+    for key in keys:  # one after the other: created in this order
+        await client.start_case("e2e_steps", {"steps": 1}, case_key=key, session_id=session)
+        await client.wait_for_case(key, timeout=10)
+
+    listed, cursor, pages = [], None, 0
+    while True:
+        page = await client.list_cases(session_id=session, limit=2, cursor=cursor)
+        listed += page.cases
+        pages += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert [c.case_key for c in listed] == keys and pages == 3
+    assert {c.execution_state for c in listed} == {"finished"} and all(c.input is None for c in listed)
+    finished = await client.list_cases(session_id=session, execution_state="finished", limit=10)
+    assert len(finished.cases) == 5 and finished.next_cursor is None
+    assert (await client.list_cases(session_id=session, execution_state="waiting")).cases == []
+
+    with pytest.raises(RequestRefusedError) as refused:
+        await client.list_cases(cursor="not-a-cursor")
+    assert refused.value.refusal_code == "invalid_cursor"
+
+
 async def test_start_publish_event_and_wait(client: TianshuClient, scheduler: SchedulerProcess) -> None:
     key, resource = unique("client-wait"), f"invoice/{uuid.uuid4().hex[:6]} ü"  # not a plain token
     accepted = await client.start_case("e2e_wait", {"resource": resource}, case_key=key, session_id=key)

@@ -43,6 +43,8 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
     tc.GetCase: tc.GetCase(case_key="order-42"),
     tc.CaseFound: tc.CaseFound(case=SUMMARY),
     tc.CaseNotFound: tc.CaseNotFound(case_key="nope"),
+    tc.ListCases: tc.ListCases(session_id="s-1", execution_state="waiting", limit=20, cursor="abc"),
+    tc.CasesPage: tc.CasesPage(cases=[SUMMARY], next_cursor="abc"),
     tc.CaseUpdated: tc.CaseUpdated(
         case_key="order-42",
         session_id="s-1",
@@ -309,6 +311,7 @@ EXPORTS = {
     *("CancelCase", "CaseCommand", "CaseFinished", "CaseFound", "CaseKey", "CaseNotFound", "CaseSummary"),
     *("CaseUpdated", "Channel", "DeadLetter", "DeadLetterReason", "ExecutionState", "GetCase"),
     *("GetCaseReply", "LifecycleState", "Message", "PauseCase", "Refusal", "RequestRefused", "ResumeCase"),
+    *("LIST_CASES_ADAPTER", "LIST_CASES_REPLY_ADAPTER", "ListCases", "ListCasesReply", "CasesPage"),
     *("StartCase", "StartCaseAccepted", "StartCaseReply", "WireError", "WireModel"),
     *("catalog", "subjects", "tokens"),
 }

@@ -135,6 +135,39 @@ GetCaseReply = Annotated[CaseFound | CaseNotFound | RequestRefused, Field(discri
 """The reply to a `GetCase` request."""
 
 
+class ListCases(Message):
+    """Ask for a page of cases, oldest first (a request on `tianshu.v1.rpc.cases.list`).
+
+    Filters left out match any case. The first page has no cursor; each next one passes the
+    `next_cursor` of the page before (a keyset: a deep page costs what the first one costs)."""
+
+    kind: Literal["list_cases"] = "list_cases"
+    session_id: Name | None = None
+    workflow_code: Name | None = None
+    execution_state: ExecutionState | None = None
+    lifecycle_state: LifecycleState | None = None
+    parent_key: CaseKey | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: str | None = Field(
+        default=None, min_length=1, max_length=1000, description="The `next_cursor` of the page before."
+    )
+
+
+class CasesPage(Message):
+    """A page of cases, oldest first; summaries without `input`, `output` and `usage` (ask
+    `GetCase` for those), so a page fits in one message."""
+
+    kind: Literal["cases_page"] = "cases_page"
+    cases: list[CaseSummary]
+    next_cursor: str | None = Field(
+        default=None, description="Pass it as `cursor` for the next page; null on the last page."
+    )
+
+
+ListCasesReply = Annotated[CasesPage | RequestRefused, Field(discriminator="kind")]
+"""The reply to a `ListCases` request."""
+
+
 class CaseUpdated(Message):
     """A case changed state (published on `tianshu.v1.cases.<case_key>.updated`)."""
 
@@ -177,5 +210,7 @@ START_CASE_REPLY_ADAPTER: TypeAdapter[StartCaseAccepted | RequestRefused] = Type
 CASE_COMMAND_ADAPTER: TypeAdapter[CancelCase | PauseCase | ResumeCase] = TypeAdapter(CaseCommand)
 GET_CASE_ADAPTER: TypeAdapter[GetCase] = TypeAdapter(GetCase)
 GET_CASE_REPLY_ADAPTER: TypeAdapter[CaseFound | CaseNotFound | RequestRefused] = TypeAdapter(GetCaseReply)
+LIST_CASES_ADAPTER: TypeAdapter[ListCases] = TypeAdapter(ListCases)
+LIST_CASES_REPLY_ADAPTER: TypeAdapter[CasesPage | RequestRefused] = TypeAdapter(ListCasesReply)
 CASE_UPDATED_ADAPTER: TypeAdapter[CaseUpdated] = TypeAdapter(CaseUpdated)
 CASE_FINISHED_ADAPTER: TypeAdapter[CaseFinished] = TypeAdapter(CaseFinished)

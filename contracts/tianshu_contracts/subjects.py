@@ -9,6 +9,7 @@ Subjects carry the contract's version (`tianshu.v1.…`); a breaking change gets
 | `tianshu.v1.events.<resource_type>.<resource_id>` | an outside event (any JSON) | TIANSHU_EVENTS |
 | `tianshu.v1.rpc.cases.start` | `StartCase` request; reply `StartCaseReply` | none |
 | `tianshu.v1.rpc.cases.get` | `GetCase` request; reply `GetCaseReply` | none |
+| `tianshu.v1.rpc.cases.list` | `ListCases` request; reply `ListCasesReply` | none |
 | `tianshu.v1.cases.<case_key>.updated` | `CaseUpdated`: the case changed state | none |
 | `tianshu.v1.cases.<case_key>.finished` | `CaseFinished`: ended, failed or cancelled | none |
 | `tianshu.v1.errors.<origin>` | `Refusal` of a message sent on `tianshu.v1.<origin>` | none |
@@ -58,6 +59,7 @@ CASE_FINISHES: Final = f"{PREFIX}.cases.*.finished"
 EVENTS: Final = f"{PREFIX}.events.>"
 RPC_CASES_START: Final = f"{PREFIX}.rpc.cases.start"
 RPC_CASES_GET: Final = f"{PREFIX}.rpc.cases.get"
+RPC_CASES_LIST: Final = f"{PREFIX}.rpc.cases.list"
 ERRORS: Final = f"{PREFIX}.errors.>"
 DEAD_LETTERS: Final = f"{PREFIX}.dlq.>"
 TOOL_CALLS: Final = f"{PREFIX}.tools.calls.*"

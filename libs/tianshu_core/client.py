@@ -31,14 +31,19 @@ from tianshu_contracts import (
     CASE_FINISHED_ADAPTER,
     CASE_UPDATED_ADAPTER,
     GET_CASE_REPLY_ADAPTER,
+    LIST_CASES_REPLY_ADAPTER,
     LLM_STREAM_CHUNK_ADAPTER,
     START_CASE_REPLY_ADAPTER,
     CancelCase,
     CaseFinished,
     CaseFound,
+    CasesPage,
     CaseSummary,
     CaseUpdated,
+    ExecutionState,
     GetCase,
+    LifecycleState,
+    ListCases,
     LlmStreamChunk,
     PauseCase,
     RequestRefused,
@@ -270,6 +275,37 @@ class TianshuClient:
         if isinstance(reply, RequestRefused):
             raise RequestRefusedError(subjects.RPC_CASES_GET, reply.error)
         return reply.case if isinstance(reply, CaseFound) else None
+
+    async def list_cases(
+        self,
+        *,
+        session_id: str | None = None,
+        workflow_code: str | None = None,
+        execution_state: ExecutionState | None = None,
+        lifecycle_state: LifecycleState | None = None,
+        parent_key: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> CasesPage:
+        """A page of the matching cases, oldest first, as a scheduler reads them from Postgres.
+
+        Pass the page's `next_cursor` as `cursor` for the next one (None on the last page); each
+        page costs the same however deep. The summaries leave out input, output and usage
+        (`get_case` has them). RequestRefusedError (code `invalid_cursor`) for a cursor that no
+        listing returned."""
+        request = ListCases(
+            session_id=session_id,
+            workflow_code=workflow_code,
+            execution_state=execution_state,
+            lifecycle_state=lifecycle_state,
+            parent_key=parent_key,
+            limit=limit,
+            cursor=cursor,
+        )
+        reply = await self._ask(subjects.RPC_CASES_LIST, request, LIST_CASES_REPLY_ADAPTER)
+        if isinstance(reply, RequestRefused):
+            raise RequestRefusedError(subjects.RPC_CASES_LIST, reply.error)
+        return reply
 
     async def wait_for_case(
         self,

@@ -27,15 +27,18 @@ from tianshu_contracts import (
     CASE_COMMAND_ADAPTER,
     EVENT_PAYLOAD_ADAPTER,
     GET_CASE_ADAPTER,
+    LIST_CASES_ADAPTER,
     START_CASE_ADAPTER,
     CancelCase,
     CaseFinished,
     CaseFound,
     CaseNotFound,
+    CasesPage,
     CaseSummary,
     CaseUpdated,
     DeadLetterReason,
     GetCase,
+    ListCases,
     PauseCase,
     ResumeCase,
     StartCase,
@@ -47,8 +50,11 @@ from tianshu_contracts.gateway import LLM_CALL_RESULT_ADAPTER, LlmCallResult
 from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER, ToolCallResult
 from tianshu_core import (
     Case,
+    CaseFilter,
     Engine,
+    ExecutionState,
     Lease,
+    Lifecycle,
     PublishResult,
     RunStatus,
     Stores,
@@ -78,7 +84,7 @@ from tianshu_core.bus.llm import NatsLlmClient
 from tianshu_core.bus.shutdown import Stoppable
 from tianshu_core.bus.tools import NatsToolExecutor
 from tianshu_core.engine import waiting_on
-from tianshu_core.errors import UnstorableValueError
+from tianshu_core.errors import InvalidCursorError, UnstorableValueError
 from tianshu_core.llm import LLM_RESULT_RESOURCE
 from tianshu_core.stores.protocols import UsageRow
 from tianshu_core.telemetry import trace_id_of
@@ -231,6 +237,7 @@ class Scheduler:
                 max_payload_bytes=s.max_event_payload_bytes,
             ),
             Responder(nc, subjects.RPC_CASES_GET, GET_CASE_ADAPTER, self._rpc_get),
+            Responder(nc, subjects.RPC_CASES_LIST, LIST_CASES_ADAPTER, self._rpc_list),
         ]
         for responder in responders:
             await responder.start()
@@ -455,6 +462,24 @@ class Scheduler:
         if usage.calls:
             found = found.model_copy(update={"usage": usage})
         return CaseFound(case=found)
+
+    async def _rpc_list(self, msg: ListCases, _request: Msg) -> BaseModel:
+        engine = self.engine
+        assert engine is not None
+        flt = CaseFilter(
+            session_id=msg.session_id,
+            workflow_code=msg.workflow_code,
+            execution_state=None if msg.execution_state is None else ExecutionState(msg.execution_state),
+            lifecycle_state=None if msg.lifecycle_state is None else Lifecycle(msg.lifecycle_state),
+            parent_key=msg.parent_key,
+        )
+        try:
+            page = await engine.list_cases(flt, limit=msg.limit, cursor=msg.cursor)
+        except InvalidCursorError as exc:
+            raise RejectMessage(exc) from exc
+        # No input or output: a page of 500 cases must fit in one message (GetCase has them).
+        cases = [summary(case).model_copy(update={"input": None, "output": None}) for case in page.cases]
+        return CasesPage(cases=cases, next_cursor=page.next_cursor)
 
     async def _handle_event(self, payload: JsonValue, delivery: Delivery) -> None:
         engine = self.engine
