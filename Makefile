@@ -29,6 +29,7 @@ help:
 	@echo "make fuzz           fuzz the bus: FUZZ_EXAMPLES bad messages (500), FUZZ_SEED to replay a run"
 	@echo "make venv           create $(VENV) and install the project with its dev extras from uv.lock"
 	@echo "make lock           update uv.lock after changing pyproject.toml (uv lock)"
+	@echo "make lock-check     fail when pyproject.toml and uv.lock disagree (part of make lint)"
 	@echo "make clean          remove caches and build output (keeps $(VENV))"
 
 venv: $(STAMP)
