@@ -84,14 +84,26 @@ async def timeout(ctx: WorkflowContext) -> WorkflowResult:
 
 @registry.workflow("e2e_child")
 async def child(ctx: WorkflowContext) -> WorkflowResult:
-    value = await ctx.step("work", lambda: effect(ctx, f"child-{ctx.case.resource_data['n']}"))
+    """One step; input.delay_s (if given) first."""
+
+    async def work() -> str:
+        await asyncio.sleep(float(ctx.case.resource_data.get("delay_s", 0)))
+        return effect(ctx, f"child-{ctx.case.resource_data['n']}")
+
+    value = await ctx.step("work", work)
     return await ctx.finish("done", output={"n": ctx.case.resource_data["n"], "did": value})
 
 
 @registry.workflow("e2e_parent")
 async def parent(ctx: WorkflowContext) -> WorkflowResult:
+    """Spawn input.children children and await them; input.last_delay_s (if given) makes the last
+    one end that much after the others."""
     n = int(ctx.case.resource_data["children"])
-    handles = await ctx.spawn_children([SpawnConfig("e2e_child", {"n": i}) for i in range(n)])
+    late = ctx.case.resource_data.get("last_delay_s")
+    inputs = [{"n": i} for i in range(n)]
+    if late:
+        inputs[-1]["delay_s"] = late
+    handles = await ctx.spawn_children([SpawnConfig("e2e_child", data) for data in inputs])
     outcomes = await ctx.await_children(handles)
     return await ctx.finish("done", output=[o.output for o in outcomes])
 

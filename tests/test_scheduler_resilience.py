@@ -12,12 +12,14 @@ import asyncio
 import json
 import re
 import signal
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import pytest
@@ -530,37 +532,124 @@ async def test_the_sweep_runs_a_case_whose_event_was_stored_while_no_scheduler_r
     assert done["output"] == {"late": 1}
 
 
+class _SlowLink:
+    """A TCP proxy to Postgres that holds every chunk `delay_s` each way, as a distant database
+    would: whatever a scheduler does in round trips after a commit takes long enough for a kill
+    to land in the middle of it. It runs on a thread of its own (starting a scheduler blocks the
+    test's loop)."""
+
+    def __init__(self, url: str, delay_s: float) -> None:
+        parts = urlsplit(url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._url, self._delay_s = parts, delay_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def start(self) -> str:
+        """Listen; the URL to give the scheduler."""
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop
+        ).result(10)
+        port = self._server.sockets[0].getsockname()[1]
+        user = f"{self._url.username}@" if self._url.username else ""
+        return urlunsplit(self._url._replace(netloc=f"{user}127.0.0.1:{port}"))
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        pipes = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for pipe in pipes:
+            pipe.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+        await asyncio.sleep(0.05)  # the transports' last callbacks close their sockets
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self._writers.add(client_w)
+        try:
+            server_r, server_w = await asyncio.open_connection(*self._target)
+        except OSError:
+            client_w.close()
+            return
+        self._writers.add(server_w)
+        await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await asyncio.sleep(self._delay_s)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
 @pytest.mark.slow
 async def test_sigkill_loop_over_a_parent_of_50_children_loses_no_wake(
-    tmp_path: Path, spawn: Spawn, replicas: list[SchedulerProcess], nc: Client, db: CaseDb
+    tmp_path: Path,
+    spawn: Spawn,
+    replicas: list[SchedulerProcess],
+    nc: Client,
+    db: CaseDb,
+    pg_migrated_url: str,
 ) -> None:
-    """SIGKILL the scheduler as soon as children report their end (the last one's included: the
-    moment its parent's wake must already be committed), restart it each time. A child's report
-    is sent after its outcome is stored: one whose scheduler died in between never comes."""
+    """SIGKILL the scheduler as soon as children report their end, the last one's above all (the
+    moment its parent's wake must already be committed), and restart it each time; three parents
+    in a row, the scheduler's database 5 ms away each way. A child's report is sent after its
+    outcome is stored: one whose scheduler died in between never comes, so the children already
+    ended are read back after each restart."""
     ended: asyncio.Queue[str] = asyncio.Queue()
 
     async def on_finished(msg: Msg) -> None:
         await ended.put(subjects.case_key_of(msg.subject))
 
+    async def ended_children(parent: str) -> set[str]:
+        rows = await db.pool.fetch(
+            "SELECT case_key FROM tianshu_cases WHERE parent_key = $1 AND execution_state = 'finished'",
+            parent,
+        )
+        return {r["case_key"] for r in rows}
+
     sub = await nc.subscribe(subjects.CASE_FINISHES, cb=on_finished)
-    replica = spawn()
-    key = await request_start(nc, "e2e_parent", {"children": 50}, key=new_key("fan50"))
-    seen: set[str] = set()
-    kill_at = [1, 10, 30, 50]  # kill when this many children have reported their end
+    link = _SlowLink(pg_migrated_url, delay_s=0.005)
+    database_url = link.start()
+    replica = spawn(TIANSHU_DATABASE_URL=database_url)
     kills = 0
     try:
-        while kill_at:
-            child = await asyncio.wait_for(ended.get(), 60)
-            if child == key:
-                break
-            seen.add(child)
-            if len(seen) >= kill_at[0]:
-                replica.kill()
-                kills += 1
-                kill_at = [n for n in kill_at if n > len(seen)]
-                replica = spawn()
+        for round_ in range(3):
+            # The last child ends a while after the others: by then the parent has parked.
+            key = await request_start(
+                nc, "e2e_parent", {"children": 50, "last_delay_s": 1.0}, key=new_key(f"fan50-{round_}")
+            )
+            seen: set[str] = set()
+            kill_at = [1, 25, 50]  # kill when this many children have ended
+            while kill_at:
+                child = await asyncio.wait_for(ended.get(), 60)
+                if child == key:
+                    break
+                seen.add(child)
+                if len(seen) >= kill_at[0]:
+                    replica.kill()
+                    kills += 1
+                    kill_at = [n for n in kill_at if n > len(seen)]
+                    replica = spawn(TIANSHU_DATABASE_URL=database_url)
+                    seen |= await ended_children(key)
+            done = await db.wait_state(key, "finished", within=60, context=logs(replicas))
+            assert done["output"] == [{"n": i, "did": f"child-{i}"} for i in range(50)]
     finally:
         await sub.unsubscribe()
-    assert kills >= 3, f"{kills} kills; {len(seen)} children reported their end"
-    done = await db.wait_state(key, "finished", within=60, context=logs(replicas))
-    assert done["output"] == [{"n": i, "did": f"child-{i}"} for i in range(50)]
+        replica.kill()
+        link.close()
+    assert kills >= 6, f"only {kills} kills"
