@@ -272,10 +272,13 @@ async def test_without_a_scheduler_errors_say_so(
     assert "error: no scheduler serves tianshu.v1.rpc.cases.start" in done.stderr
 
 
-def test_importing_the_engine_does_not_import_nats() -> None:
+def test_importing_the_engine_does_not_import_nats_or_the_vendor_sdks() -> None:
     code = (
-        "import sys, tianshu_core; assert 'nats' not in sys.modules, 'nats imported'; "
-        "from tianshu_core import TianshuClient; assert 'nats' in sys.modules"
+        "import sys, tianshu_core; "
+        "assert not {'nats', 'openai', 'anthropic'} & set(sys.modules), 'imported too soon'; "
+        "from tianshu_core import TianshuClient; assert 'nats' in sys.modules; "
+        "from tianshu_core import OpenAiProvider; assert 'openai' in sys.modules; "
+        "from tianshu_core.llm import AnthropicProvider; assert 'anthropic' in sys.modules"
     )
     subprocess.run(
         [sys.executable, "-c", code], check=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)}

@@ -60,12 +60,10 @@ from .errors import (
     UnstorableValueError,
 )
 from .llm import (
-    AnthropicProvider,
     LlmCallPending,
     LlmError,
     LlmInvocation,
     LlmProvider,
-    OpenAiProvider,
     ResiliencePolicy,
     ResilientLlmProvider,
     ScriptedLlm,
@@ -127,6 +125,7 @@ if TYPE_CHECKING:
         SchedulerUnavailableError,
         TianshuClient,
     )
+    from .llm import AnthropicProvider, OpenAiProvider
 
 # The client needs nats-py and the bus; imported on first use, so that `import tianshu_core` for
 # the engine alone stays free of them.
@@ -141,17 +140,25 @@ _CLIENT_NAMES = frozenset(
 )
 
 
+# The vendor providers, imported on first use with their SDKs (see `tianshu_core.llm`).
+_PROVIDER_NAMES = frozenset({"AnthropicProvider", "OpenAiProvider"})
+
+
 def __getattr__(name: str) -> Any:
-    """The client's names, imported on first use."""
+    """The client's names and the vendor providers, imported on first use."""
     if name in _CLIENT_NAMES:
         from . import client
 
         return getattr(client, name)
+    if name in _PROVIDER_NAMES:
+        from . import llm
+
+        return getattr(llm, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _CLIENT_NAMES)
+    return sorted(set(globals()) | _CLIENT_NAMES | _PROVIDER_NAMES)
 
 
 async def connect_postgres(

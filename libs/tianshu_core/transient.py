@@ -11,9 +11,10 @@ write itself (a value it cannot keep, a constraint violated), so the same write 
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import asyncpg
-import nats.errors
-import nats.js.errors
 
 from .errors import TianshuError, UnstorableValueError
 
@@ -33,20 +34,29 @@ _REFUSED_CLASSES = ("22", "23")
 # kept between operations can be found that way.
 _CLOSED_MARKERS = ("connection is closed", "connection was closed", "released back to the pool")
 
-# NATS away, reconnecting, or too slow to answer: the message or request may go through later.
-_NATS_TRANSIENT: tuple[type[BaseException], ...] = (
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.NoServersError,
-    nats.errors.StaleConnectionError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.FlushTimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.UnexpectedEOF,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,
-)
+
+
+@functools.cache
+def _nats_transient() -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
+    """NATS away, reconnecting, or too slow to answer (the message or request may go through
+    later); and JetStream's API error, transient when its code is 503. Imported on first need:
+    the engine alone never imports nats."""
+    import nats.errors
+    import nats.js.errors
+
+    return (
+        nats.errors.ConnectionClosedError,
+        nats.errors.ConnectionReconnectingError,
+        nats.errors.ConnectionDrainingError,
+        nats.errors.NoServersError,
+        nats.errors.StaleConnectionError,
+        nats.errors.OutboundBufferLimitError,
+        nats.errors.FlushTimeoutError,
+        nats.errors.NoRespondersError,
+        nats.errors.UnexpectedEOF,
+        nats.js.errors.ServiceUnavailableError,
+        nats.js.errors.NoStreamResponseError,
+    ), nats.js.errors.APIError
 
 # OSErrors about files, not about a peer: a handler that meets one has a bug or a bad input.
 _LOCAL_OS_ERRORS: tuple[type[OSError], ...] = (
@@ -84,11 +94,13 @@ def is_transient(exc: BaseException) -> bool:
 def _is_transient_leaf(exc: BaseException) -> bool:
     if isinstance(exc, TianshuError):
         return exc.retryable
-    if isinstance(exc, _NATS_TRANSIENT):
-        return True
-    if isinstance(exc, nats.js.errors.APIError):
-        # 503: JetStream not ready (a server starting, no quorum); anything else is about the request.
-        return exc.code == 503
+    if "nats" in sys.modules:  # without it, no NATS error can have been raised
+        transient, api_error = _nats_transient()
+        if isinstance(exc, transient):
+            return True
+        if isinstance(exc, api_error):
+            # 503: JetStream not ready (a server starting, no quorum); anything else is about the request.
+            return getattr(exc, "code", None) == 503
     return is_transient_postgres(exc)
 
 

@@ -11,9 +11,9 @@
 The LLM types themselves are contracts (`tianshu_contracts.llm`), re-exported by `tianshu_core`.
 """
 
-from ._anthropic import AnthropicProvider
+from typing import TYPE_CHECKING, Any
+
 from ._errors import REDACTED, LlmError, redact
-from ._openai import OpenAiProvider
 from ._provider import (
     LLM_RESULT_RESOURCE,
     LlmCallPending,
@@ -26,6 +26,21 @@ from ._provider import (
 from ._resilient import ResiliencePolicy, ResilientLlmProvider, estimate_tokens
 from ._scripted import ScriptedLlm
 from ._sdk import SdkProvider
+
+if TYPE_CHECKING:
+    from ._anthropic import AnthropicProvider
+    from ._openai import OpenAiProvider
+
+# The vendor SDKs take seconds to import on a busy machine: loaded when a provider is first named.
+_SDK_PROVIDERS = {"AnthropicProvider": "._anthropic", "OpenAiProvider": "._openai"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SDK_PROVIDERS:
+        import importlib
+
+        return getattr(importlib.import_module(_SDK_PROVIDERS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "LLM_RESULT_RESOURCE",
