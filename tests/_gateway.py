@@ -42,25 +42,13 @@ class GatewayProcess(ToolRunnerProcess):
     for its ready file (the rest of the life cycle is the tool runner's helper's)."""
 
     command = (sys.executable, "-m", "tianshu_llm_gateway")
+    kind = "gateway"
 
     def __init__(self, workdir: Path, nats_url: str, config: Path, **env: str) -> None:
         super().__init__(workdir, nats_url, **env)
-        self.name = f"gateway-{uuid.uuid4().hex[:6]}"
-        self.ready_file = workdir / f"{self.name}.ready"
-        self.log_file = workdir / f"{self.name}.log"
         self.env["TIANSHU_LLM_GATEWAY_CONFIG"] = str(config)
         self.env["TIANSHU_LLM_GATEWAY_NAME"] = self.name
         self.env["TIANSHU_LLM_GATEWAY_READY_FILE"] = str(self.ready_file)
-
-    def launch(self) -> GatewayProcess:
-        """Start the process without waiting for it to be ready."""
-        self.ready_file.unlink(missing_ok=True)
-        log = self.log_file.open("ab")
-        try:
-            self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        finally:
-            log.close()
-        return self
 
 
 def write_config(path: Path, config: Mapping[str, Any]) -> Path:

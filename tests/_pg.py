@@ -3,6 +3,9 @@
 In order: the server named by ``TIANSHU_TEST_DATABASE_URL``; else a ``postgres:15`` container
 when a Docker engine answers; else the embedded Postgres of `tianshu_core.local.embedded`, on its own
 data directory so that a test run never stops the server a demo is using.
+
+`private_postgres()` is another embedded server, on a temporary data directory, for a test that
+stops and starts it (the session's server and the machine's are never stopped).
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tianshu_core.local import embedded
@@ -85,3 +91,47 @@ def _embedded() -> Iterator[str]:
         # Stop only a server this session started: another session may be using one it found.
         if server.started:
             embedded.stop(server.pgdata)
+
+
+@dataclass
+class PrivatePostgres:
+    """An embedded Postgres on a data directory of its own; `stop()` and `start()` keep its port."""
+
+    pgdata: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        if not embedded.stop(self.pgdata):
+            raise RuntimeError(f"the private Postgres on {self.pgdata} was not running")
+
+    def start(self) -> None:
+        # embedded.start() probes a new free port on every start, and the services keep the URL
+        # they were given: make it take the old one (free since the stop).
+        probe = embedded._free_port
+        embedded._free_port = lambda: self.port
+        try:
+            server = embedded.start(self.pgdata)
+        finally:
+            embedded._free_port = probe
+        if not (server.started and server.port == self.port):
+            raise RuntimeError(f"the private Postgres did not start on port {self.port}: {server}")
+
+
+@contextlib.contextmanager
+def private_postgres(prefix: str = "tianshu-pg-") -> Iterator[PrivatePostgres]:
+    """A running private Postgres, stopped and deleted at the end."""
+    # Under /tmp (not pytest's 0700 tmp dir), so that the unprivileged server user (when we are
+    # root) can reach its data directory.
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)
+    pgdata = workdir / "pgdata"
+    try:
+        server = embedded.start(pgdata)
+        yield PrivatePostgres(pgdata, server.port)
+    finally:
+        embedded.stop(pgdata)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -27,18 +27,104 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class SchedulerProcess:
-    """One `python -m tianshu_scheduler` replica; `start()` waits for its ready file."""
+class ServiceProcess:
+    """One service run as a user runs it: `command` in a process of its own, configured by `env`,
+    logging to ``<workdir>/<name>.log``. `start()` waits for the ready file the service touches once it
+    serves; `launch()` and `wait_ready()` are its two halves, to start several side by side, or to
+    restart one that cannot get ready yet (while Postgres or NATS is away)."""
 
-    def __init__(self, workdir: Path, database_url: str, nats_url: str, **env: str) -> None:
-        self.name = f"sched-{uuid.uuid4().hex[:6]}"
+    command: tuple[str, ...]
+    kind: str
+    """The first part of `name`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.name = f"{self.kind}-{uuid.uuid4().hex[:6]}"
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.ready_file = workdir / f"{self.name}.ready"
         self.log_file = workdir / f"{self.name}.log"
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
+        self.env: dict[str, str] = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> Self:
+        """Start the process without waiting for it to be ready."""
+        self.ready_file.unlink(missing_ok=True)
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> Self:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"{self.kind} not ready after {timeout_s} s:\n{self.log_tail()}")
+            time.sleep(0.02)
+        return self
+
+    def start(self, timeout_s: float = 30.0) -> Self:
+        return self.launch().wait_ready(timeout_s)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait; the exit code."""
+        self.signal(signal.SIGTERM)
+        return self.wait_exit(timeout_s)
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the process to end on its own; its exit code (TimeoutExpired past the limit)."""
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL (a stopped process too) and reap."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        """Everything the process logged so far."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+class SchedulerProcess(ServiceProcess):
+    """One `python -m tianshu_scheduler` replica serving `tests.e2e_workflows` and `examples.approval`
+    unless ``TIANSHU_WORKFLOWS`` says otherwise; its step bodies record their runs under `workdir`."""
+
+    command = (sys.executable, "-m", "tianshu_scheduler")
+    kind = "sched"
+
+    def __init__(self, workdir: Path, database_url: str, nats_url: str, **env: str) -> None:
+        super().__init__(workdir)
+        self.env |= {
             "TIANSHU_DATABASE_URL": database_url,
             "TIANSHU_NATS_URL": nats_url,
             "TIANSHU_WORKFLOWS": "tests.e2e_workflows,examples.approval",
@@ -49,77 +135,11 @@ class SchedulerProcess:
             "TIANSHU_SCHEDULER_SWEEP_INTERVAL_S": "0.2",
             **env,
         }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 30.0) -> SchedulerProcess:
-        self.ready_file.unlink(missing_ok=True)
-        with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tianshu_scheduler"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout_s
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"scheduler exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"scheduler not ready after {timeout_s} s:\n{self.log_tail()}")
-            time.sleep(0.02)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM and wait; the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_s)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
     @property
     def owner(self) -> str:
         """The lease owner this replica writes on the cases it holds."""
         return f"{self.name}-{self.pid}"
-
-    def wait_exit(self, timeout_s: float) -> int:
-        """Wait for the process to end on its own; its exit code (TimeoutExpired past the limit)."""
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout_s)
-
-    def log_text(self) -> str:
-        """Everything the replica logged so far."""
-        try:
-            return self.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def __enter__(self) -> SchedulerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-        self.kill()
 
 
 def retry_budget_env(max_deliver: int, initial_s: float, max_s: float) -> dict[str, str]:

@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from tests._services import ServiceProcess
 from tests.e2e_tools import TOOL_LOG_ENV
 from tianshu_contracts import (
     DEAD_LETTER_ADAPTER,
@@ -31,25 +28,21 @@ from tianshu_contracts import (
     subjects,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-class ToolRunnerProcess:
-    """One `python -m tianshu_tool_runner` serving `tests.e2e_tools`; `start()` waits for its ready file.
+class ToolRunnerProcess(ServiceProcess):
+    """One `python -m tianshu_tool_runner` serving `tests.e2e_tools` unless ``TIANSHU_TOOLS`` says
+    otherwise; `start()` waits for its ready file.
 
     Runners sharing a `workdir` share the execution log of the `sleep` tool (`tool_log`).
     """
 
+    command = (sys.executable, "-m", "tianshu_tool_runner")
+    kind = "runner"
+
     def __init__(self, workdir: Path, nats_url: str, **env: str) -> None:
-        self.name = f"runner-{uuid.uuid4().hex[:6]}"
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.ready_file = workdir / f"{self.name}.ready"
-        self.log_file = workdir / f"{self.name}.log"
+        super().__init__(workdir)
         self.tool_log = workdir / "tool-executions.jsonl"
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
+        self.env |= {
             "TIANSHU_NATS_URL": nats_url,
             "TIANSHU_TOOLS": "tests.e2e_tools",
             "TIANSHU_TOOL_RUNNER_NAME": self.name,
@@ -57,37 +50,9 @@ class ToolRunnerProcess:
             TOOL_LOG_ENV: str(self.tool_log),
             **env,
         }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def launch(self) -> ToolRunnerProcess:
-        """Start the process without waiting for it to be ready."""
-        self.ready_file.unlink(missing_ok=True)
-        with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tianshu_tool_runner"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def wait_ready(self, timeout_s: float = 30.0) -> ToolRunnerProcess:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tool runner exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"tool runner not ready after {timeout_s} s:\n{self.log_tail()}")
-            time.sleep(0.02)
-        return self
-
-    def start(self, timeout_s: float = 30.0) -> ToolRunnerProcess:
-        return self.launch().wait_ready(timeout_s)
 
     @staticmethod
-    def start_all(runners: Sequence[ToolRunnerProcess], timeout_s: float = 30.0) -> None:
+    def start_all(runners: Sequence[ServiceProcess], timeout_s: float = 30.0) -> None:
         """Start them side by side; return once every one is ready."""
         for runner in runners:
             runner.launch()
@@ -95,51 +60,9 @@ class ToolRunnerProcess:
             runner.wait_ready(timeout_s)
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
     def runner_id(self) -> str:
         """What its results carry in `runner`."""
         return f"{self.name}-{self.pid}"
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM and wait; the exit code."""
-        self.signal(signal.SIGTERM)
-        return self.wait_exit(timeout_s)
-
-    def wait_exit(self, timeout_s: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout_s)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def __enter__(self) -> ToolRunnerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
 
 
 # -- executions of the `sleep` tool ------------------------------------------------------------

@@ -1,7 +1,10 @@
 """A worker process for the crash tests: runs workflows against Postgres until it is killed.
 
-usage: crash_worker.py steps  DSN CASE_KEY COUNTER_FILE PAUSE_AFTER   (one 10-step case)
-       crash_worker.py many   DSN PREFIX OBSERVED_FILE N              (N concurrent 10-step cases)
+usage: crash_worker.py steps  DSN CASE_KEY PAUSE_AFTER    (one 10-step case)
+       crash_worker.py many   DSN PREFIX OBSERVED_FILE N   (N concurrent 10-step cases)
+
+The steps of `steps` count their executions in the table of `tests._executions`; after step
+PAUSE_AFTER is checkpointed it sleeps, for the test to kill it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import os
 import sys
 
+from tests import _executions
 from tianshu_core import (
     Engine,
     EngineConfig,
@@ -23,28 +27,19 @@ from tianshu_core import (
 LEASE_TTL = 1.0
 
 
-def _append_line(path: str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
-
-
-async def steps(dsn: str, case_key: str, counter: str, pause_after: int) -> None:
+async def steps(dsn: str, case_key: str, pause_after: int) -> None:
     reg = WorkflowRegistry()
 
     @reg.workflow("ten")
     async def ten(ctx: WorkflowContext) -> WorkflowResult:
         for i in range(1, 11):
 
-            def effect(i: int = i) -> int:
-                _append_line(counter, f"step {i}")
+            async def effect(i: int = i) -> int:
+                await _executions.record(dsn, case_key, f"s{i}")
                 return i
 
             await ctx.step(f"s{i}", effect)
             if i == pause_after:
-                _append_line(counter, f"checkpointed {i}")
                 await asyncio.sleep(3600)  # the test SIGKILLs us here
         return await ctx.finish("done")
 
@@ -84,7 +79,7 @@ async def many(dsn: str, prefix: str, observed: str, n: int) -> None:
 def main() -> None:
     mode, dsn = sys.argv[1], sys.argv[2]
     if mode == "steps":
-        asyncio.run(steps(dsn, sys.argv[3], sys.argv[4], int(sys.argv[5])))
+        asyncio.run(steps(dsn, sys.argv[3], int(sys.argv[4])))
     else:
         asyncio.run(many(dsn, sys.argv[3], sys.argv[4], int(sys.argv[5])))
 

@@ -1,4 +1,6 @@
-"""Crash recovery with real processes: SIGKILL a worker, start another, nothing is lost or redone."""
+"""Crash recovery with real processes: SIGKILL a worker, start another, nothing is lost or redone.
+
+(tests/chaos.py does the same to service replicas, at random and at scale: `make chaos`.)"""
 
 from __future__ import annotations
 
@@ -7,15 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from tests import _executions
+from tests._services import eventually
 from tianshu_core import ExecutionState, connect_postgres
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
@@ -28,41 +30,41 @@ def _spawn(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, WORKER, *args], env=env)
 
 
-async def _wait_for(predicate: Callable[[], bool], within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
-
-
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
 @pytest.mark.parametrize("k", [1, 5, 9])
-async def test_sigkill_after_step_k_then_rerun(pg_migrated_url: str, tmp_path: Path, k: int) -> None:
-    counter = tmp_path / "counter"
+async def test_sigkill_after_step_k_then_rerun(pg_migrated_url: str, k: int) -> None:
+    await _executions.create_table(pg_migrated_url)
     key = f"crash-{k}-{uuid.uuid4().hex[:8]}"
-    first = _spawn("steps", pg_migrated_url, key, str(counter), str(k))
-    try:
-        await _wait_for(lambda: f"checkpointed {k}" in _lines(counter))
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    assert first.returncode == -signal.SIGKILL
-    second = _spawn("steps", pg_migrated_url, key, str(counter), "0")
-    assert await asyncio.to_thread(second.wait, 60) == 0
-    runs = Counter(line for line in _lines(counter) if line.startswith("step "))
-    assert runs == Counter({f"step {i}": 1 for i in range(1, 11)})
     stores = await connect_postgres(pg_migrated_url, max_size=1)
     try:
+
+        async def steps() -> list[str]:
+            return [e.name for e in await stores.journal.load(key) if e.kind == "step"]
+
+        async def paused() -> bool:
+            return f"s{k}" in await steps()
+
+        first = _spawn("steps", pg_migrated_url, key, str(k))
+        try:
+            await eventually(paused, what=f"step s{k} checkpointed")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        assert first.returncode == -signal.SIGKILL
+        second = _spawn("steps", pg_migrated_url, key, "0")
+        assert await asyncio.to_thread(second.wait, 60) == 0
+        ran = await _executions.tally(pg_migrated_url, key)
+        assert ran.runs == Counter({(key, f"s{i}"): 1 for i in range(1, 11)})
+        assert not ran.completed_again
         case = await stores.cases.get_by_key(key)
         assert case is not None and case.execution_state is ExecutionState.FINISHED
-        steps = [e.name for e in await stores.journal.load(key) if e.kind == "step"]
-        assert steps == [f"s{i}" for i in range(1, 11)]
+        assert await steps() == [f"s{i}" for i in range(1, 11)]
     finally:
         await stores.close()
+
 
 
 async def test_sigkill_during_200_concurrent_workflows_loses_no_observed_step(
@@ -72,7 +74,11 @@ async def test_sigkill_during_200_concurrent_workflows_loses_no_observed_step(
     prefix = f"many-{uuid.uuid4().hex[:8]}"
     worker = _spawn("many", pg_migrated_url, prefix, str(observed), "200")
     try:
-        await _wait_for(lambda: len(_lines(observed)) >= 600)
+
+        async def observed_600() -> bool:
+            return len(_lines(observed)) >= 600
+
+        await eventually(observed_600, what="600 observed steps")
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 
+from tests._pg import PrivatePostgres, private_postgres
 from tests._services import (
     CaseDb,
     budget_backoff_s,
@@ -46,7 +44,6 @@ from tests._tool_runner import executions as tool_runs
 from tests.e2e_agent import model_calls
 from tests.test_tool_service import Stack, assert_steps_once, nap
 from tianshu_contracts import DEAD_LETTER_ADAPTER, DeadLetter, subjects
-from tianshu_core.local import embedded
 from tianshu_core.stores.postgres import migrate
 from tianshu_core.tools import TOOL_RESULT_RESOURCE
 
@@ -64,42 +61,10 @@ CALL_S = 4.0  # the callers' tool call: it starts before the outage and answers 
 WORKFLOW = "e2e_wait_then_agent"
 
 
-@dataclass
-class PrivatePostgres:
-    """An embedded Postgres on a data directory of its own; `stop()` and `start()` keep its port."""
-
-    pgdata: Path
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def stop(self) -> None:
-        assert embedded.stop(self.pgdata), "the private Postgres was not running"
-
-    def start(self) -> None:
-        # embedded.start() probes a new free port on every start, and the services keep the URL
-        # they were given: make it take the old one (free since the stop).
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(embedded, "_free_port", lambda: self.port)
-            server = embedded.start(self.pgdata)
-        assert server.started and server.port == self.port, server
-
-
 @pytest.fixture
 def private_pg() -> Iterator[PrivatePostgres]:
-    # Under /tmp (not pytest's 0700 tmp dir), so that the unprivileged server user (when we are
-    # root) can reach its data directory.
-    workdir = Path(tempfile.mkdtemp(prefix="tianshu-outage-"))
-    workdir.chmod(0o755)
-    pgdata = workdir / "pgdata"
-    try:
-        server = embedded.start(pgdata)
-        yield PrivatePostgres(pgdata, server.port)
-    finally:
-        embedded.stop(pgdata)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with private_postgres("tianshu-outage-") as server:
+        yield server
 
 
 @pytest.fixture
