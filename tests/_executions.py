@@ -15,15 +15,15 @@ failure until the row is in, so an execution is counted unless its process dies 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
-from tianshu_core.transient import is_transient
+from tests._services import until_done
 
 TABLE = "tianshu_test_executions"
 
@@ -46,8 +46,6 @@ SELECT $1, $2, $3, $4, EXISTS (
 ON CONFLICT (id) DO NOTHING
 """
 
-RETRY_S = 0.1
-
 
 async def create_table(dsn: str) -> None:
     """Create `TABLE` in the database (a migrated one: `record` reads its journal)."""
@@ -61,32 +59,52 @@ async def create_table(dsn: str) -> None:
 async def record(dsn: str, case_key: str, step: str) -> None:
     """Count one execution of `step` of `case_key`; retries until Postgres takes it."""
     execution = uuid.uuid4()
-    while True:
+
+    async def insert() -> None:
+        conn = await asyncpg.connect(dsn, timeout=5)
         try:
-            conn = await asyncpg.connect(dsn, timeout=5)
-            try:
-                await conn.execute(_RECORD, execution, case_key, step, os.getpid())
-            finally:
-                await conn.close()
-            return
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-        await asyncio.sleep(RETRY_S)
+            await conn.execute(_RECORD, execution, case_key, step, os.getpid())
+        finally:
+            await conn.close()
+
+    await until_done(insert)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One recorded execution of a step body (or a tool run)."""
+
+    case_key: str
+    step: str
+    pid: int
+    checkpointed: bool
+    """The step's checkpoint was stored already when this execution began."""
+    started_at: datetime
 
 
 @dataclass(frozen=True)
 class Tally:
-    """The recorded executions: how many per (case key, step), and which ran a completed step."""
+    """The recorded executions, in the order they began."""
 
-    runs: Counter[tuple[str, str]]
-    completed_again: Counter[tuple[str, str]]
-    """Executions that began when the step's checkpoint was already stored."""
+    executions: list[Execution]
+
+    @property
+    def runs(self) -> Counter[tuple[str, str]]:
+        """How many executions each (case key, step) had."""
+        return Counter((e.case_key, e.step) for e in self.executions)
+
+    @property
+    def completed_again(self) -> list[Execution]:
+        """Executions that began when the step's checkpoint was already stored."""
+        return [e for e in self.executions if e.checkpointed]
 
     @property
     def interrupted_again(self) -> int:
         """Executions past a step's first that began before its checkpoint was stored."""
-        return sum(self.runs.values()) - len(self.runs) - sum(self.completed_again.values())
+        return len(self.executions) - len(self.runs) - len(self.completed_again)
+
+    def of(self, case_key: str, step: str) -> list[Execution]:
+        return [e for e in self.executions if (e.case_key, e.step) == (case_key, step)]
 
 
 async def tally(dsn: str, prefix: str = "") -> Tally:
@@ -94,11 +112,10 @@ async def tally(dsn: str, prefix: str = "") -> Tally:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            f"SELECT case_key, step, checkpointed FROM {TABLE} WHERE starts_with(case_key, $1)", prefix
+            f"SELECT case_key, step, pid, checkpointed, started_at FROM {TABLE} "
+            "WHERE starts_with(case_key, $1) ORDER BY started_at",
+            prefix,
         )
     finally:
         await conn.close()
-    return Tally(
-        runs=Counter((r["case_key"], r["step"]) for r in rows),
-        completed_again=Counter((r["case_key"], r["step"]) for r in rows if r["checkpointed"]),
-    )
+    return Tally([Execution(**r) for r in rows])

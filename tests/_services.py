@@ -21,6 +21,7 @@ import asyncpg
 from nats.aio.client import Client
 
 from tianshu_contracts import CancelCase, PauseCase, ResumeCase, subjects
+from tianshu_core.transient import is_transient
 
 T = TypeVar("T")
 
@@ -67,6 +68,14 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 30.0) -> Self:
         return self.launch().wait_ready(timeout_s)
+
+    @staticmethod
+    def start_all(processes: Sequence[ServiceProcess], timeout_s: float = 30.0) -> None:
+        """Start them side by side; return once every one is ready."""
+        for process in processes:
+            process.launch()
+        for process in processes:
+            process.wait_ready(timeout_s)
 
     @property
     def pid(self) -> int:
@@ -256,6 +265,24 @@ async def eventually(
             detail = f"\n{context()}" if context is not None else ""
             raise AssertionError(f"not after {within:g} s: {what}{detail}")
         await asyncio.sleep(interval)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` says Postgres or NATS is out of reach: the services' rule (`is_transient`), and
+    asyncpg's InternalClientError, which a connection whose backend was terminated can raise
+    instead of a connection error (MagicStack/asyncpg#1069; the Postgres store handles it too)."""
+    return isinstance(exc, asyncpg.InternalClientError) or is_transient(exc)
+
+
+async def until_done(attempt: Callable[[], Awaitable[T]], *, retry_s: float = 0.1) -> T:
+    """`attempt()` again and again while it fails for an outage (no limit: the outage ends)."""
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+        await asyncio.sleep(retry_s)
 
 
 class CaseDb:

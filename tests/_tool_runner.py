@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -50,14 +50,6 @@ class ToolRunnerProcess(ServiceProcess):
             TOOL_LOG_ENV: str(self.tool_log),
             **env,
         }
-
-    @staticmethod
-    def start_all(runners: Sequence[ServiceProcess], timeout_s: float = 30.0) -> None:
-        """Start them side by side; return once every one is ready."""
-        for runner in runners:
-            runner.launch()
-        for runner in runners:
-            runner.wait_ready(timeout_s)
 
     @property
     def runner_id(self) -> str:

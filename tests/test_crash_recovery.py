@@ -58,7 +58,7 @@ async def test_sigkill_after_step_k_then_rerun(pg_migrated_url: str, k: int) -> 
         assert await asyncio.to_thread(second.wait, 60) == 0
         ran = await _executions.tally(pg_migrated_url, key)
         assert ran.runs == Counter({(key, f"s{i}"): 1 for i in range(1, 11)})
-        assert not ran.completed_again
+        assert ran.completed_again == []
         case = await stores.cases.get_by_key(key)
         assert case is not None and case.execution_state is ExecutionState.FINISHED
         assert await steps() == [f"s{i}" for i in range(1, 11)]
