@@ -1,4 +1,5 @@
-"""Shared fixtures: a Postgres server for the session, a fresh database on it, the suite's duration."""
+"""Shared fixtures: a Postgres server for the session, a fresh database on it, a private Postgres to
+stop and start, the suite's duration."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tests._pg import postgres_server
+from tests._pg import PrivatePostgres, postgres_server, private_postgres
 
 _SESSION_START = pytest.StashKey[float]()
 
@@ -52,6 +53,13 @@ async def pg_url(pg_server_url: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """An embedded Postgres of the test's own, which it may stop and start."""
+    with private_postgres() as server:
+        yield server
 
 
 @pytest.fixture

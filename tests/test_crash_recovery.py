@@ -66,7 +66,6 @@ async def test_sigkill_after_step_k_then_rerun(pg_migrated_url: str, k: int) -> 
         await stores.close()
 
 
-
 async def test_sigkill_during_200_concurrent_workflows_loses_no_observed_step(
     pg_migrated_url: str, tmp_path: Path
 ) -> None:

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from tests._backends import Backend
-from tests.test_outage import PrivatePostgres, private_pg  # noqa: F401 (a fixture)
+from tests._pg import PrivatePostgres
 from tianshu_core import (
     Engine,
     EngineConfig,
@@ -275,7 +275,7 @@ async def test_transient_store_failures_spend_no_budget(pg_migrated_url: str) ->
 
 @pytest.mark.postgres
 @pytest.mark.slow
-async def test_a_postgres_outage_during_runs_fails_no_case(private_pg: PrivatePostgres) -> None:  # noqa: F811
+async def test_a_postgres_outage_during_runs_fails_no_case(private_pg: PrivatePostgres) -> None:
     """Postgres stops while four cases are inside a step, and stays down while the engine keeps
     trying; with a budget of one failed run (a case failing for its own reason fails after one
     run), every case finishes once it is back."""

@@ -22,14 +22,14 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 
-from tests._pg import PrivatePostgres, private_postgres
+from tests._pg import PrivatePostgres
 from tests._services import (
     CaseDb,
     budget_backoff_s,
@@ -59,12 +59,6 @@ OUTAGE_S = float(
 GROUP = 4  # cases per group
 CALL_S = 4.0  # the callers' tool call: it starts before the outage and answers during it
 WORKFLOW = "e2e_wait_then_agent"
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    with private_postgres("tianshu-outage-") as server:
-        yield server
 
 
 @pytest.fixture
