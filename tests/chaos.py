@@ -3,7 +3,7 @@ restarted, Postgres backends are terminated and Postgres is stopped and started,
 may be lost and no completed step may run again.
 
     python -m tests.chaos [--cases 300] [--duration-s 180] [--seed N] [--schedulers 2] [--runners 2]
-                          [--drain-timeout-s 120] [--workdir DIR]
+                          [--faults a,b] [--features a,b] [--drain-timeout-s 120] [--workdir DIR]
 
 (`make chaos`, with CHAOS_CASES, CHAOS_DURATION_S and CHAOS_SEED; tests/test_chaos.py runs a short
 one in the suite.)
@@ -69,7 +69,6 @@ from tests.chaos_workflows import EVENT_TYPE, event_payload, expected_output
 from tianshu_core.stores.postgres import migrate
 
 WORKFLOWS = "tests.chaos_workflows"
-FAULTS = ("kill_scheduler", "kill_runner", "restart_nats", "terminate_backends", "restart_postgres")
 _FAULT_WEIGHTS = {
     "kill_scheduler": 35,
     "kill_runner": 20,
@@ -77,6 +76,7 @@ _FAULT_WEIGHTS = {
     "terminate_backends": 20,
     "restart_postgres": 15,
 }
+FAULTS = tuple(_FAULT_WEIGHTS)
 _DOWN_S = {
     "kill_scheduler": (0.0, 1.5),
     "kill_runner": (0.0, 1.5),
@@ -131,6 +131,8 @@ class Fault:
 
 @dataclass(frozen=True)
 class Plan:
+    """A run's cases and faults, in order of time."""
+
     seed: int
     cases: tuple[CaseStart, ...]
     faults: tuple[Fault, ...]
