@@ -75,7 +75,7 @@ async def round_trips(ctx: WorkflowContext) -> WorkflowResult:
     n = int(ctx.case.resource_data["n"])
     # Instrumentation: the executor the engine gives `ctx.tool_step` (a NatsToolExecutor in the
     # scheduler), called the way the loop calls it for one call of a registry's tool.
-    executor = ctx._run.tool_executor
+    executor = ctx.internals.tool_executor
     if executor is None:
         raise TianshuError("b3_rt needs the scheduler's tool executor")
     rt_ms: list[float] = []

@@ -509,10 +509,10 @@ class Engine:
     async def _persist(
         self, ctx: WorkflowContext, lease: Lease, result: WorkflowResult | BaseException
     ) -> RunStatus:
-        await ctx._run.keeper.hold()  # a run that lost its lease stores nothing
+        await ctx.internals.hold()  # a run that lost its lease stores nothing
         await ctx.flush()
         if ctx.replayed:
-            await ctx._append(  # a record of what this run replayed, for inspection
+            await ctx.internals.append(  # a record of what this run replayed, for inspection
                 JournalKind.REPLAY,
                 "replay",
                 serde.dumps({"replayed": ctx.replayed, "executed": ctx.executed}),
@@ -597,9 +597,8 @@ class Engine:
         commit (`CaseStore.park`); False when what it waits for is there and it must run again."""
         wake_at = waiting.wake_at if isinstance(waiting, _Suspended) else None
         children = waiting.children if isinstance(waiting, _Suspended) else ()
-        cursors = ctx._journal.cursors
         after = {
-            (p.resource_type, p.resource_id): cursors[(p.resource_type, p.resource_id)]
+            (p.resource_type, p.resource_id): ctx.internals.cursor(p.resource_type, p.resource_id)
             for p in waiting.predicates
         }
         case = ctx.case

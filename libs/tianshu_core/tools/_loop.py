@@ -27,7 +27,7 @@ from tianshu_contracts import WireError
 from tianshu_contracts.llm import LlmErrorClass, LlmMessage, LlmRequest, LlmResponse, ToolCall, ToolResult
 from tianshu_contracts.tools import TOOL_CALL_RESULT_ADAPTER
 
-from ..context import _TIMER, Suspend, _decode, _guard
+from ..context import Suspend
 from ..errors import TianshuError
 from ..llm import LLM_RESULT_RESOURCE, LlmCallPending, LlmError, LlmInvocation, takes_invocation
 from ..models import PollPredicate
@@ -140,8 +140,7 @@ class ToolLoop:
         # A provider that sends calls elsewhere (and may re-send them): its answers can arrive as
         # events, also for a call an earlier run sent.
         self._remote = hasattr(llm, "max_attempts")
-        full = ctx._stage_prefix + name
-        generation = ctx._generation[full]
+        generation = ctx.internals.clearings(name)
         # Records of a cleared loop must not be replayed by its next run: give them new names.
         self.base = name if generation == 0 else f"{name}@{generation}"
         # Rounds whose model reply came from the journal: their calls may have been sent by an
@@ -201,7 +200,7 @@ class ToolLoop:
                     return await complete(invocation)
                 return await policy.call(f"model call {record!r}", lambda: complete(invocation))
             except LlmCallPending as pending:
-                wake_at = await self.ctx._deadline(_llm_wait(record, attempt), pending.wait_s)
+                wake_at = await self.ctx.internals.deadline(_llm_wait(record, attempt), pending.wait_s)
                 raise _Pending(_llm_predicate(invocation), wake_at) from None
 
         try:
@@ -217,21 +216,19 @@ class ToolLoop:
         its deadline, and is sent again as the next attempt after it, up to the provider's
         `max_attempts`; past the last, `LlmError` (`unavailable`)."""
         ctx = self.ctx
-        attempt, timer = 0, None
+        attempt, wake_at = 0, None
         while True:
-            name = _llm_wait(record, attempt + 1)
-            found = ctx._recorded(name, _TIMER)
+            found = ctx.internals.recorded_deadline(_llm_wait(record, attempt + 1))
             if found is None:
                 break
-            attempt, timer = attempt + 1, found
-        if timer is None:
+            attempt, wake_at = attempt + 1, found
+        if wake_at is None:
             return 1
         invocation = LlmInvocation.of(ctx.case.case_key, record, attempt)
         recorded = await self._recorded_reply(invocation)
         if recorded is not None:
             return recorded
-        wake_at = datetime.fromisoformat(_decode(timer)["fire_at"])
-        if ctx._run.clock.now() < wake_at:
+        if ctx.internals.now() < wake_at:
             raise _Pending(_llm_predicate(invocation), wake_at)
         limit = int(getattr(self.llm, "max_attempts", 1))
         if attempt >= limit:
@@ -250,12 +247,7 @@ class ToolLoop:
 
     async def _recorded_reply(self, invocation: LlmInvocation) -> LlmResponse | None:
         """The answer published for this call (any attempt), if one arrived."""
-        ctx = self.ctx
-        event = await _guard(
-            ctx._run.stores.events.next_after(
-                LLM_RESULT_RESOURCE, invocation.call_id, after_seq=0, not_before=ctx.case.created_at
-            )
-        )
+        event = await self.ctx.internals.published(LLM_RESULT_RESOURCE, invocation.call_id)
         return None if event is None else _llm_answer(event.payload)
 
     # -- one round ----------------------------------------------------------------------------
@@ -293,7 +285,7 @@ class ToolLoop:
 
     async def _call(self, record: str, call: ToolCall, replayed: bool = False) -> ToolResult | _Pending:
         ctx = self.ctx
-        invocation = ToolInvocation.of(ctx.case.case_key, ctx._stage_prefix + record)
+        invocation = ToolInvocation.of(ctx.case.case_key, ctx.internals.qualified(record))
         attrs = {
             "tianshu.step": record,
             "tianshu.case_key": ctx.case.case_key,
@@ -329,16 +321,12 @@ class ToolLoop:
                 call, timeout_s=self.config.tool_timeout_s, invocation=invocation
             )
         except ToolCallPending as pending:
-            wake_at = await self.ctx._deadline(_wait_name(invocation), pending.wait_s)
+            wake_at = await self.ctx.internals.deadline(_wait_name(invocation), pending.wait_s)
             raise _Pending(_predicate(invocation), wake_at) from None
 
     async def _recorded_result(self, call: ToolCall, invocation: ToolInvocation) -> ToolResult | None:
         ctx = self.ctx
-        event = await _guard(
-            ctx._run.stores.events.next_after(
-                TOOL_RESULT_RESOURCE, invocation.call_id, after_seq=0, not_before=ctx.case.created_at
-            )
-        )
+        event = await ctx.internals.published(TOOL_RESULT_RESOURCE, invocation.call_id)
         if event is None:
             return None
         try:
@@ -353,15 +341,13 @@ class ToolLoop:
         """For a call already sent and awaited as an event: its result, an error past its deadline,
         or `_Pending` while it may still come. None for a call never sent."""
         ctx = self.ctx
-        wait = _wait_name(invocation)
-        timer = ctx._recorded(wait, _TIMER)
-        if timer is None:
+        wake_at = ctx.internals.recorded_deadline(_wait_name(invocation))
+        if wake_at is None:
             return None
         recorded = await self._recorded_result(call, invocation)
         if recorded is not None:
             return recorded
-        wake_at = datetime.fromisoformat(_decode(timer)["fire_at"])
-        if ctx._run.clock.now() >= wake_at:
+        if ctx.internals.now() >= wake_at:
             return error_result(call, f"tool {call.name}: no result arrived before the deadline")
         raise _Pending(_predicate(invocation), wake_at)
 
