@@ -489,12 +489,15 @@ class InMemoryWaitStore:
             {
                 key
                 for key, _, pred in rows
-                if db.cases[key].execution_state is ExecutionState.WAITING and db.wait_met(key, pred)
+                if (case := db.cases.get(key)) is not None
+                and case.execution_state is ExecutionState.WAITING
+                and db.wait_met(key, pred)
             }
         )
         woken = [key for key in met if db.wake(key)]
-        more = len(rows) >= limit and rows
-        return woken, ((rows[-1][0], rows[-1][1]) if more else None)
+        if len(rows) < limit:
+            return woken, None  # the end: the next call starts again from the first
+        return woken, (rows[-1][0], rows[-1][1])
 
 
 class InMemoryEventStore:
