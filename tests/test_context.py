@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -186,6 +187,48 @@ async def test_history_marks_replayed_steps(backend: Backend) -> None:
     assert (report.replayed, report.executed) == (["first"], ["second"])
     history = await engine.history(case.case_key)
     assert [e.kind for e in history] == ["step", "state", "step", "replay"]
+    assert json.loads(history[-1].data) == {"replayed": 1, "executed": 1}
+
+
+async def test_an_old_case_stores_and_reads_no_more_per_wake_than_a_young_one(backend: Backend) -> None:
+    """Each run that replays records counts, not the names it replayed: a case woken W times with
+    S steps stores W small records, not W*S names. Taking the case (acquire, or the wake's take)
+    reads the records a run replays, and of the replay records only the journal's last row."""
+    reg = WorkflowRegistry()
+    wakes, steps = 6, 5
+
+    def noop() -> int:
+        return 1
+
+    @reg.workflow("old")
+    async def old(ctx: WorkflowContext) -> WorkflowResult:
+        for i in range(steps):
+            await ctx.step(f"s{i}", noop)
+        for w in range(wakes):
+            await ctx.wait_for_event("tick", ctx.case.case_key, name=f"w{w}")
+        return await ctx.finish("done")
+
+    engine = backend.engine(reg)
+    case = await engine.run_workflow("old")
+    key = case.case_key
+    for w in range(wakes):
+        published = await engine.publish_event("tick", key, w, take=1)
+        (lease,) = published.taken
+        taken = [e.kind for e in lease.journal or await backend.stores.journal.load(key)]
+        if backend.name == "postgres":  # the replay records of earlier runs stay behind
+            assert taken.count("replay") == (1 if taken[-1] == "replay" else 0)
+        report = await engine.run_case(key, lease=lease)
+        assert report.status is (RunStatus.FINISHED if w == wakes - 1 else RunStatus.WAITING)
+    history = await engine.history(key)
+    replays = [json.loads(e.data) for e in history if e.kind == "replay"]
+    # Each run replays the steps and the events consumed before it, and consumes one event.
+    assert replays == [{"replayed": steps + w, "executed": 1} for w in range(wakes)]
+    if backend.name == "postgres":
+        inspected = await backend.stores.leases.acquire(key, "inspector", 30)
+        assert inspected is not None and inspected.journal is not None
+        assert [e.kind for e in inspected.journal].count("replay") == 1  # the last row: the next seq
+        assert inspected.journal[-1].seq == history[-1].seq
+        assert len(inspected.journal) == steps + wakes + 1
 
 
 # -- step_with_retry (the seed's retry entries) --------------------------------------------------

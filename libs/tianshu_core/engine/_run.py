@@ -276,10 +276,13 @@ class CaseRunner:
         await ctx.internals.hold()  # a run that lost its lease stores nothing
         await ctx.flush()
         if ctx.replayed:
-            await ctx.internals.append(  # a record of what this run replayed, for inspection
+            # For inspection: how many records this run replayed and how many steps it executed
+            # (their own records name them). Counts, so that a case's journal grows by one small
+            # row per run, not by every name it replays; replay and acquire skip these rows.
+            await ctx.internals.append(
                 JournalKind.REPLAY,
                 "replay",
-                serde.dumps({"replayed": ctx.replayed, "executed": ctx.executed}),
+                serde.dumps({"replayed": len(ctx.replayed), "executed": len(ctx.executed)}),
             )
         return await self._store_outcome(lease, result, ctx)
 

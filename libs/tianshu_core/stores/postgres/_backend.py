@@ -256,9 +256,9 @@ async def create_pool(
     environment, TIANSHU_DATABASE_TLS_INSECURE) skips verification for sslmode=require.
     """
     tls = postgres_ssl(dsn, insecure=tls_insecure)
-    # Every lookup the engine makes has an index. Without this, a generic plan cached while the
-    # tables were small (a new database) keeps scanning tianshu_cases sequentially as it grows.
-    settings = {"application_name": application_name, "enable_seqscan": "off"}
+    # Planner settings stay the server's: the statements whose cached plans went wrong as a new
+    # database grew are planned per call instead (see tianshu_append_journal, migration 0012).
+    settings = {"application_name": application_name}
     if statement_timeout_ms is not None:
         settings["statement_timeout"] = str(int(statement_timeout_ms))
 

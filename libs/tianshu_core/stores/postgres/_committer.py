@@ -40,22 +40,10 @@ WHERE c.lease_token = $6 AND c.lifecycle = 'normal'
 ON CONFLICT (case_key, seq) DO NOTHING
 RETURNING seq
 """
-_INSERT_MANY = """
-WITH u AS (
-    SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::int8[],
-                         $7::timestamptz[]) AS u(case_key, seq, kind, name, data, token, created_at)
-), locked AS MATERIALIZED (
-    SELECT case_key, lease_token, lifecycle FROM tianshu_cases
-    WHERE case_key = ANY($1::text[])
-    ORDER BY case_key
-    FOR SHARE
-)
-INSERT INTO tianshu_journal (case_key, seq, kind, name, data, token, created_at)
-SELECT u.case_key, u.seq, u.kind, u.name, u.data::json, u.token, u.created_at
-FROM u JOIN locked l ON l.case_key = u.case_key AND l.lease_token = u.token AND l.lifecycle = 'normal'
-ON CONFLICT (case_key, seq) DO NOTHING
-RETURNING case_key, seq
-"""
+# The batch: `tianshu_append_journal` (migration 0012), the same INSERT ... SELECT for many rows
+# (the cases locked FOR SHARE in key order), inside a function that plans it for each call: a plan
+# cached while tianshu_cases was small would keep scanning it sequentially as it grows.
+_INSERT_MANY = "SELECT out_case_key, out_seq FROM tianshu_append_journal($1, $2, $3, $4, $5, $6, $7)"
 # Rows the INSERT did not return: either refused by the fence, taken by another writer, or
 # written by our own earlier attempt whose commit reply was lost (same kind, name and token).
 _EXISTING = """
