@@ -28,6 +28,13 @@ class Settings(BaseSettings):
         "never weakens verify-ca or verify-full. Read from the environment by the Postgres stores.",
     )
     migrate_on_start: bool = Field(default=False, description="Apply pending migrations on start.")
+    migration_lock_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a migration statement waits for a lock before the migration fails (run "
+        "it again later) instead of queueing the table's queries behind it. Read from the environment "
+        "by the migration runner.",
+    )
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=10, ge=1, description="Keep small: the server allows ~100 in all.")
     max_step_result_bytes: int = Field(default=1024 * 1024, ge=1)

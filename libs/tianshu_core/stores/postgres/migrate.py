@@ -1,7 +1,17 @@
-"""Forward-only schema migrations: numbered .sql files, each applied once, in its own transaction.
+"""Forward-only schema migrations: numbered .sql files, each applied once.
+
+A migration runs in its own transaction, unless it has a `-- tianshu:concurrently` line: such a
+migration builds indexes on tables that can be large (`CREATE INDEX CONCURRENTLY`, which cannot run
+in a transaction and does not stop writes while it works), one statement at a time. An interrupted
+concurrent build leaves an INVALID index behind; the next run finds it, drops it and builds it
+again. Every statement waits at most `lock_timeout` for a lock, so a migration that meets a long
+transaction fails with a clear error (run it again later) instead of queueing every query of the
+busy table behind its lock request.
 
 `migrate` holds a session advisory lock while it works, so several processes starting at once
-apply each migration exactly once (the others wait, then find nothing left to do).
+apply each migration exactly once (the others wait, then find nothing left to do). They wait by
+polling, outside any statement: a concurrent index build waits for every transaction older than
+itself, and a process blocked inside `pg_advisory_lock` would be one, held up by the builder.
 
 Rolling upgrades: code runs on its own schema and on a newer one whose every newer migration keeps
 it working. Each migration says which code it keeps working: by default the code of the
@@ -12,7 +22,9 @@ does not know a migration can still tell whether it may run beside it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -43,6 +55,15 @@ CREATE TABLE IF NOT EXISTS tianshu_schema_migrations (
 ALTER TABLE tianshu_schema_migrations ADD COLUMN IF NOT EXISTS compatible_with integer
 """
 _HINT = "run `tianshu db migrate`"
+_CONCURRENTLY = re.compile(r"^-- tianshu:concurrently$", re.MULTILINE)
+# A concurrent migration's statements end with a semicolon at the end of a line.
+_STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
+_CREATE_INDEX = re.compile(
+    r"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE
+)
+LOCK_TIMEOUT_ENV = "TIANSHU_MIGRATION_LOCK_TIMEOUT_S"
+DEFAULT_LOCK_TIMEOUT_S = 10.0
+_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +74,18 @@ class Migration:
     name: str
     sql: str
     compatible_with: int
+    concurrent: bool = False
+    """Applied outside a transaction, statement by statement (see the module's docstring)."""
+
+    def statements(self) -> list[str]:
+        """A concurrent migration's statements, in order, without their whole-line comments."""
+        statements = []
+        for chunk in _STATEMENT_END.split(self.sql):
+            lines = [line for line in chunk.splitlines() if not line.lstrip().startswith("--")]
+            statement = "\n".join(lines).strip()
+            if statement:
+                statements.append(statement)
+        return statements
 
 
 @cache
@@ -71,7 +104,10 @@ def known_migrations() -> tuple[Migration, ...]:
             raise MigrationError(
                 f"migration {path.name!r}: compatible-with {compatible_with} must name an older version"
             )
-        found.append(Migration(version, match[2], sql, compatible_with))
+        concurrent = _CONCURRENTLY.search(sql) is not None
+        if concurrent and "$$" in sql:
+            raise MigrationError(f"{path.name}: a concurrent migration holds plain statements only")
+        found.append(Migration(version, match[2], sql, compatible_with, concurrent))
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise MigrationError(f"two migration files share a version: {versions}")
@@ -117,10 +153,32 @@ def _check_runs_on(applied: dict[int, int | None]) -> int | None:
     return max(newer)
 
 
-async def migrate_connection(conn: asyncpg.Connection[asyncpg.Record]) -> list[int]:
-    """Apply pending migrations on `conn`; the versions applied now (empty when up to date)."""
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+def lock_timeout_from_env() -> float:
+    """TIANSHU_MIGRATION_LOCK_TIMEOUT_S as seconds (unset: DEFAULT_LOCK_TIMEOUT_S)."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
     try:
+        value = float(raw) if raw else DEFAULT_LOCK_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise MigrationError(f"{LOCK_TIMEOUT_ENV} must be a positive number of seconds, not {raw!r}")
+    return value
+
+
+async def migrate_connection(
+    conn: asyncpg.Connection[asyncpg.Record], *, lock_timeout: float | None = None
+) -> list[int]:
+    """Apply pending migrations on `conn`; the versions applied now (empty when up to date).
+
+    `lock_timeout`: seconds any statement may wait for a lock (None: from the environment,
+    TIANSHU_MIGRATION_LOCK_TIMEOUT_S, default 10)."""
+    timeout_ms = round((lock_timeout or lock_timeout_from_env()) * 1000)
+    while True:  # polled: see the module's docstring
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            break
+        await asyncio.sleep(_POLL_S)
+    try:
+        await conn.execute(f"SET lock_timeout = {timeout_ms}")
         await conn.execute(_VERSION_TABLE)
         applied = await applied_migrations(conn)
         _check_runs_on(applied)
@@ -131,15 +189,18 @@ async def migrate_connection(conn: asyncpg.Connection[asyncpg.Record]) -> list[i
                 continue
             log.info("applying migration %04d_%s", migration.version, migration.name)
             try:
-                async with conn.transaction():
-                    await conn.execute(migration.sql)
-                    await conn.execute(
-                        "INSERT INTO tianshu_schema_migrations (version, name, compatible_with)"
-                        " VALUES ($1, $2, $3)",
-                        migration.version,
-                        migration.name,
-                        migration.compatible_with,
-                    )
+                if migration.concurrent:
+                    await _apply_concurrently(conn, migration)
+                else:
+                    async with conn.transaction():
+                        await conn.execute(migration.sql)
+                        await _record(conn, migration)
+            except asyncpg.LockNotAvailableError as exc:
+                raise MigrationError(
+                    f"migration {migration.version:04d}_{migration.name} waited {timeout_ms} ms for a "
+                    f"lock and gave up ({exc}): a long transaction holds the table; run it again "
+                    f"when it has ended (or allow more time with {LOCK_TIMEOUT_ENV})"
+                ) from exc
             except asyncpg.PostgresError as exc:
                 raise MigrationError(
                     f"migration {migration.version:04d}_{migration.name} failed: {exc}"
@@ -147,7 +208,34 @@ async def migrate_connection(conn: asyncpg.Connection[asyncpg.Record]) -> list[i
             newly.append(migration.version)
         return newly
     finally:
+        await conn.execute("RESET lock_timeout")
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def _record(conn: asyncpg.Connection[asyncpg.Record], migration: Migration) -> None:
+    await conn.execute(
+        "INSERT INTO tianshu_schema_migrations (version, name, compatible_with) VALUES ($1, $2, $3)",
+        migration.version,
+        migration.name,
+        migration.compatible_with,
+    )
+
+
+async def _apply_concurrently(conn: asyncpg.Connection[asyncpg.Record], migration: Migration) -> None:
+    """Each statement on its own, outside a transaction. An index an interrupted build left
+    INVALID is dropped and built again; a valid one is kept (`IF NOT EXISTS`), so running the
+    migration again after a failure part way through finishes it."""
+    for statement in migration.statements():
+        index = _CREATE_INDEX.match(statement)
+        if index is not None:
+            valid = await conn.fetchval(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", index[1]
+            )
+            if valid is False:
+                log.warning("index %s is INVALID (an interrupted build); building it again", index[1])
+                await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{index[1]}"')
+        await conn.execute(statement)
+    await _record(conn, migration)
 
 
 async def _connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
@@ -160,11 +248,12 @@ async def _connect(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
     return await call_with_retry(RetryConfig(), "postgres connect (migrations)", attempt, is_transient)
 
 
-async def migrate(dsn: str) -> list[int]:
-    """Bring the database at `dsn` up to this code's schema; the versions applied by this call."""
+async def migrate(dsn: str, *, lock_timeout: float | None = None) -> list[int]:
+    """Bring the database at `dsn` up to this code's schema; the versions applied by this call.
+    `lock_timeout` as in `migrate_connection`."""
     conn = await _connect(dsn)
     try:
-        return await migrate_connection(conn)
+        return await migrate_connection(conn, lock_timeout=lock_timeout)
     finally:
         await conn.close()
 
