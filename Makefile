@@ -16,7 +16,7 @@ UV_VERSION := $(shell sed -n '/^name = "uv"$$/{n;s/^version = "\(.*\)"$$/\1/p;}'
 # Touched after a successful install; reinstall when pyproject.toml or uv.lock is newer.
 STAMP := $(VENV)/.tianshu-dev-installed
 
-.PHONY: help venv lock test lint lock-check typecheck pytest demo dev bench bench-compare fuzz chaos clean
+.PHONY: help venv lock test lint lock-check typecheck pytest demo dev bench bench-compare bench-big fuzz chaos clean
 
 help:
 	@echo "make demo           run the approval demo (embedded Postgres unless TIANSHU_DATABASE_URL is set)"
@@ -26,6 +26,7 @@ help:
 	@echo "make typecheck      mypy (strict; configured in pyproject.toml)"
 	@echo "make bench          run the benchmarks (bench/run bench)"
 	@echo "make bench-compare  compare against the stored baseline (bench/run compare)"
+	@echo "make bench-big      B1 and B2 beside a million ended cases, against empty tables (bench/run big)"
 	@echo "make fuzz           fuzz the bus: FUZZ_EXAMPLES bad messages (500), FUZZ_SEED to replay a run"
 	@echo "make chaos          kill and restart everything while CHAOS_CASES cases (300) run for CHAOS_DURATION_S (180)"
 	@echo "make venv           create $(VENV) and install the project with its dev extras from uv.lock"
@@ -84,6 +85,10 @@ bench: venv
 
 bench-compare: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bench/run compare
+
+# B7's table-size part loads a million cases first (a few minutes), so it has a target of its own.
+bench-big: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bench/run big
 
 # tests/fuzz_bus.py: bad messages on every subject the services consume must be refused on their
 # first delivery, and good cases among them must finish. It prints the seed; FUZZ_SEED replays it.

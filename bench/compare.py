@@ -1,4 +1,4 @@
-"""Sets tianshu's B1-B4 and B6 beside the anchors measured in the same run: the ratios and their targets.
+"""Sets tianshu's B1-B4, B6 and B7 beside the anchors measured in the same run: the ratios and targets.
 
 Usage: python bench/compare.py RESULTS      (RESULTS: the lines the systems printed, one each)
 Prints 'ratios tianshu/dbos=…x tianshu/langgraph=…x seq_p50/asyncpg_commit_p50=…x …', then one
@@ -35,6 +35,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         "b4_concurrent_ratio",
         "b4_step_overhead_ratio",
         "b6_children_per_child_ratio_1000_10",
+        "b7_wake_age_ratio",
     ),
     "dbos": ("steps_per_s", "wake_p50_ms", "wake_p99_ms"),
     "langgraph": ("steps_per_s",),
@@ -61,7 +62,7 @@ class RatioPlus:
 # through it adds (p50, p99) and what it adds to the first streamed token, over a bare NATS
 # request/reply of the same run; a workflow step's model call (scheduler and gateway) over the bare
 # SDK call, at most B3's tool round trip over its request/reply plus one; its throughput over the
-# bare SDK's at 32 calls at a time.
+# bare SDK's at 32 calls at a time; B7: the median of a case's last ten wakes over its first ten.
 TARGETS: list[tuple[str, str, float | RatioPlus]] = [
     ("tianshu/dbos", ">=", 30.0),
     ("tianshu/langgraph", ">=", 12.0),
@@ -77,6 +78,7 @@ TARGETS: list[tuple[str, str, float | RatioPlus]] = [
     ("b4_step_overhead_ratio", "<=", RatioPlus("b3_tool_rt_p50/nats_rr_p50", 1.0)),
     ("b4_concurrent_ratio", ">=", 0.5),
     ("b6_children_per_child_ratio_1000_10", "<=", 2.0),
+    ("b7_wake_age_ratio", "<=", 1.5),
 ]
 # Differences of two medians (or p99s): noise can make them zero or negative; they only have to be numbers.
 SIGNED = frozenset(
@@ -150,6 +152,7 @@ def ratios(found: dict[str, dict[str, float]]) -> dict[str, float]:
         "b4_step_overhead_ratio": t["b4_step_overhead_ratio"],
         "b4_concurrent_ratio": t["b4_concurrent_ratio"],
         "b6_children_per_child_ratio_1000_10": t["b6_children_per_child_ratio_1000_10"],
+        "b7_wake_age_ratio": t["b7_wake_age_ratio"],
     }
 
 

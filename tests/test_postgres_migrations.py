@@ -280,3 +280,32 @@ async def test_the_lock_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPat
         MIGRATE_MODULE.lock_timeout_from_env()
     monkeypatch.setenv("TIANSHU_MIGRATION_LOCK_TIMEOUT_S", "2.5")
     assert MIGRATE_MODULE.lock_timeout_from_env() == 2.5
+
+
+async def test_cases_have_one_index_per_query_and_room_for_lease_updates(fresh_db: str) -> None:
+    """0013: the scans' index holds active cases only, the workflow index is gone, and pages keep
+    room for the lease updates to stay heap-only."""
+    await migrate(fresh_db)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        rows = await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'tianshu_cases' ORDER BY 1"
+        )
+        options = await conn.fetchval("SELECT reloptions FROM pg_class WHERE oid = 'tianshu_cases'::regclass")
+    finally:
+        await conn.close()
+    indexes = {r[0]: r[1].partition(" USING btree ")[2] for r in rows}
+    assert indexes == {
+        "tianshu_cases_pkey": "(case_key)",
+        "tianshu_cases_session_idx": "(session_id, created_at)",
+        "tianshu_cases_parent_idx": "(parent_key, created_at) WHERE (parent_key IS NOT NULL)",
+        "tianshu_cases_created_idx": "(created_at)",
+        "tianshu_cases_done_idx": (
+            "(updated_at) WHERE (execution_state = ANY (ARRAY['finished'::text, 'failed'::text]))"
+        ),
+        "tianshu_cases_active_idx": (
+            "(execution_state, created_at) WHERE ((lifecycle = 'normal'::text) AND "
+            "(execution_state = ANY (ARRAY['running'::text, 'waiting'::text])))"
+        ),
+    }
+    assert options == ["fillfactor=90"]

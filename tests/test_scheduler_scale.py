@@ -31,7 +31,7 @@ from nats.aio.client import Client
 from tests._nats import NatsServerFactory
 from tests._services import SchedulerProcess
 from tianshu_contracts import subjects
-from tianshu_core.stores.postgres import PostgresEventStore, PostgresWaitStore, migrate
+from tianshu_core.stores.postgres import PostgresCaseStore, PostgresEventStore, PostgresWaitStore, migrate
 
 CASES = 10_000
 WARM_UP = 100
@@ -213,6 +213,8 @@ def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
     if isinstance(value, datetime):
         return f"'{value.isoformat()}'::timestamptz"
     if isinstance(value, int):
@@ -277,8 +279,9 @@ RETENTION_START = NOW - timedelta(days=7)
 @pytest.fixture(scope="module")
 async def planned_db(pg_server_url: str) -> AsyncIterator[str]:
     """10,000 waiting cases, each waiting on its own order as the scale test leaves them, a tenth
-    of them on one shared resource instead; 20,000 events: 10,000 on one busy resource first, then
-    one per order. ANALYZEd, so the planner knows all that."""
+    of them on one shared resource instead, beside 50,000 finished cases and 50 running ones;
+    20,000 events: 10,000 on one busy resource first, then one per order. ANALYZEd, so the
+    planner knows all that."""
     async with fresh_database(pg_server_url, "tianshu_plans") as url:
         conn = await asyncpg.connect(url)
         try:
@@ -300,6 +303,14 @@ async def planned_db(pg_server_url: str) -> AsyncIterator[str]:
                 SELECT 'order', 'busy', 'b' || i, '{"n": 1}', now() FROM generate_series(1, 10000) AS i;
                 INSERT INTO tianshu_events (resource_type, resource_id, event_id, payload, published_at)
                 SELECT 'order', 'o' || i, 'e' || i, '{"paid": 1}', now() FROM generate_series(1, 10000) AS i;
+                INSERT INTO tianshu_cases (case_key, session_id, workflow_code, execution_state, lifecycle,
+                                           created_at, updated_at)
+                SELECT 'f' || i, 'f' || i, 'e2e_wait', 'finished', 'normal', now() - interval '1 day', now()
+                FROM generate_series(1, 50000) AS i;
+                INSERT INTO tianshu_cases (case_key, session_id, workflow_code, execution_state, lifecycle,
+                                           created_at, updated_at)
+                SELECT 'r' || i, 'r' || i, 'e2e_wait', 'running', 'normal', now(), now()
+                FROM generate_series(1, 50) AS i;
                 ANALYZE tianshu_cases;
                 ANALYZE tianshu_waits;
                 ANALYZE tianshu_events;
@@ -383,6 +394,27 @@ async def test_next_after_is_an_index_lookup(
     )
     row = await plain_conn.fetchrow(sql, *args)
     assert (row is None) if after == "end" else (row is not None and row["seq"] > seq)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.parametrize("generic", [False, True], ids=["custom-plan", "generic-plan"])
+@pytest.mark.parametrize("state", ["running", "waiting"])
+async def test_the_runnable_and_waiting_scans_read_active_cases_only(
+    plain_conn: asyncpg.Connection[asyncpg.Record], state: str, generic: bool
+) -> None:
+    """The sweep's scans (`runnable`, `waiting`) go through tianshu_cases_active_idx, which holds
+    active cases only, in the generic plan too: 50,000 finished cases are not read."""
+    recorder = _Recorder()
+    cases = PostgresCaseStore(recorder)  # type: ignore[arg-type]
+    await (cases.runnable(limit=100) if state == "running" else cases.waiting(limit=100))
+    assert recorder.sql is not None and recorder.args[0] == state
+    plan = await explain(plain_conn, recorder.sql, recorder.args, ["text", "int", "text"], generic=generic)
+    assert_index_scan(
+        plan, "tianshu_cases_active_idx", "tianshu_cases", f"{state} scan {generic=}", bitmap_ok=True
+    )
+    rows = await plain_conn.fetch(recorder.sql, *recorder.args)
+    assert len(rows) == (50 if state == "running" else 100)
 
 
 class _CallRecorder:

@@ -1,8 +1,9 @@
+-- compatible-with: 0007
 -- A run reads only what it replays. Each run that replays appends a 'replay' record (for
 -- inspection: how many steps it replayed and executed); replay skips them, so taking a case no
 -- longer reads them, except the journal's last row, whatever its kind: it tells the run the seq to
--- append at. Same signatures as 0003 and 0004, so replicas of the previous release keep working
--- (their replay skips 'replay' records too and takes the next seq from the last row).
+-- append at. Same signatures as 0003 and 0004, and code of 0007 keeps working: its replay skips
+-- 'replay' records too and takes the next seq from the last row.
 
 CREATE OR REPLACE FUNCTION tianshu_acquire(p_case_key text, p_owner text, p_ttl float8)
 RETURNS TABLE (c tianshu_cases, j_seq integer[], j_kind text[], j_name text[], j_data text[],
