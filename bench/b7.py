@@ -117,7 +117,7 @@ async def main() -> None:
 # The big tables: ended cases as B1 leaves them (two journal rows each, created over the last
 # weeks), waiting cases with a wait each on a resource of their own, and an event per resource
 # on others, so that no wait matches.
-LOAD = [
+LOAD_ENDED = [
     """
     INSERT INTO tianshu_cases (case_key, session_id, workflow_code, execution_state, lifecycle, child_keys,
                                resource_data, private_vars, finished_type, finished_description, output,
@@ -132,33 +132,35 @@ LOAD = [
     SELECT 'ended-' || i, n, 'step', 's' || n, '1', 1, now() - interval '1 day'
     FROM generate_series(1, $1::int) AS i, generate_series(1, 2) AS n
     """,
+]
+LOAD_WAITING = [
     """
     INSERT INTO tianshu_cases (case_key, session_id, workflow_code, execution_state, lifecycle, created_at,
                                updated_at)
     SELECT 'waiting-' || i, 'waiting-' || i, 'b2', 'waiting', 'normal', now() - interval '1 day',
            now() - interval '1 day'
-    FROM generate_series(1, $2::int) AS i
+    FROM generate_series(1, $1::int) AS i
     """,
     """
     INSERT INTO tianshu_waits (case_key, position, resource_type, resource_id, step_name)
-    SELECT 'waiting-' || i, 1, 'b2', 'idle-' || i, 'wait' FROM generate_series(1, $2::int) AS i
+    SELECT 'waiting-' || i, 1, 'b2', 'idle-' || i, 'wait' FROM generate_series(1, $1::int) AS i
     """,
     """
     INSERT INTO tianshu_events (resource_type, resource_id, event_id, payload, published_at)
     SELECT 'b2', 'other-' || i, 'e' || i, '{"n": 1}', now() - interval '1 hour'
-    FROM generate_series(1, $2::int) AS i
+    FROM generate_series(1, $1::int) AS i
     """,
 ]
 
 
 async def load_big(url: str, ended: int, waiting: int) -> None:
-    """Migrate the database at `url` and fill it (see LOAD), then VACUUM ANALYZE it."""
+    """Migrate the database at `url` and fill it (LOAD_ENDED, LOAD_WAITING), then VACUUM ANALYZE it."""
     await migrate(url)
     conn = await asyncpg.connect(url)
     try:
-        for statement in LOAD:
-            args = [ended, waiting][: 2 if "$2" in statement else 1]
-            await conn.execute(statement, *args)
+        for statements, count in ((LOAD_ENDED, ended), (LOAD_WAITING, waiting)):
+            for statement in statements:
+                await conn.execute(statement, count)
         await conn.execute("VACUUM ANALYZE")
     finally:
         await conn.close()
