@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from tianshu_core import (
     WorkflowRegistry,
     WorkflowResult,
 )
+from tianshu_core.tokens import is_plain_token, new_case_key
 
 
 class Reading(BaseModel):
@@ -133,3 +135,14 @@ def test_datetimes_and_models_serialise() -> None:
         "at": "2026-01-02T03:04:05+00:00",
         "r": {"value": 2.0},
     }
+
+
+def test_new_case_keys_are_plain_unique_and_sort_by_creation() -> None:
+    """Engine-made keys: 32 hex digits, time first, so that a later key sorts after every earlier
+    one (a new case's rows go to the end of the key indexes, not to a random page)."""
+    earlier = [new_case_key() for _ in range(1000)]
+    time.sleep(0.002)  # the next millisecond
+    later = new_case_key()
+    assert len(set(earlier)) == len(earlier)
+    assert all(is_plain_token(k) and len(k) == 32 and int(k, 16) >= 0 for k in earlier)
+    assert later > max(earlier)

@@ -9,6 +9,8 @@ Resource types and case keys must already be plain tokens.
 from __future__ import annotations
 
 import re
+import secrets
+import time
 import uuid
 
 from tianshu_contracts import tokens as _wire
@@ -48,8 +50,11 @@ def require_plain(value: str, what: str) -> str:
 
 
 def new_case_key(prefix: str | None = None) -> str:
-    """A fresh, unique case key that is a plain token."""
-    key = uuid.uuid4().hex
+    """A fresh, unique case key that is a plain token: 32 hex digits, the first 12 the time in
+    milliseconds and the rest random. Keys made one after another sort together, so a new case's
+    rows go to the right end of the indexes keyed by case (`tianshu_cases`, `tianshu_journal`),
+    pages that stay in memory however large the tables grow, not to a random page of them."""
+    key = f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
     return f"{prefix}-{key}" if prefix and is_plain_token(prefix) and len(prefix) < 100 else key
 
 
