@@ -283,8 +283,8 @@ async def test_the_lock_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPat
 
 
 async def test_cases_have_one_index_per_query_and_room_for_lease_updates(fresh_db: str) -> None:
-    """0013: the scans' index holds active cases only, the workflow index is gone, and pages keep
-    room for the lease updates to stay heap-only."""
+    """0013: the scans' index holds active cases only, and pages keep room for the lease updates
+    to stay heap-only."""
     await migrate(fresh_db)
     conn = await asyncpg.connect(fresh_db)
     try:
@@ -299,13 +299,14 @@ async def test_cases_have_one_index_per_query_and_room_for_lease_updates(fresh_d
         "tianshu_cases_pkey": "(case_key)",
         "tianshu_cases_session_idx": "(session_id, created_at)",
         "tianshu_cases_parent_idx": "(parent_key, created_at) WHERE (parent_key IS NOT NULL)",
+        "tianshu_cases_workflow_idx": "(workflow_code, created_at)",
         "tianshu_cases_created_idx": "(created_at)",
         "tianshu_cases_done_idx": (
             "(updated_at) WHERE (execution_state = ANY (ARRAY['finished'::text, 'failed'::text]))"
         ),
         "tianshu_cases_active_idx": (
-            "(execution_state, created_at) WHERE ((lifecycle = 'normal'::text) AND "
-            "(execution_state = ANY (ARRAY['running'::text, 'waiting'::text])))"
+            "(execution_state, created_at, case_key) "
+            "WHERE (execution_state = ANY (ARRAY['running'::text, 'waiting'::text]))"
         ),
     }
     assert options == ["fillfactor=90"]

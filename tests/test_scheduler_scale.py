@@ -460,6 +460,26 @@ async def test_the_batch_append_keeps_an_indexed_plan_as_a_new_database_grows(pg
             await conn.close()
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_next_after_reads_its_own_resource_only(plain_conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """With nothing newer on the resource, the lookup ends where the resource's entries end: it
+    does not read on through the 5,000 later orders' events (a row comparison as the range's end
+    did: a btree scan stops only where its first column does)."""
+    last = await plain_conn.fetchval("SELECT max(seq) FROM tianshu_events WHERE resource_id = 'o4242'")
+    sql, args = await engine_sql_of_next_after("order", "o4242", last, RETENTION_START)
+    params = ", ".join(_literal(a) for a in args)
+    name = f"plan_{uuid.uuid4().hex[:8]}"
+    await plain_conn.execute(f"PREPARE {name} (text, text, bigint, timestamptz) AS {sql}")
+    try:
+        plan = json.loads(
+            await plain_conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name} ({params})")
+        )[0]["Plan"]
+    finally:
+        await plain_conn.execute(f"DEALLOCATE {name}")
+    assert plan["Shared Hit Blocks"] + plan["Shared Read Blocks"] <= 5, plan
+
+
 class _CallRecorder:
     """Records the statement `publish_and_wake` sends (the call of `tianshu_publish_wake_take`)."""
 

@@ -116,7 +116,7 @@ SELECT case_key FROM moved
 # Lease free = never taken, released, or expired, by the database's clock.
 _FREE = "(lease_expires_at IS NULL OR lease_expires_at < now())"
 # The IN list repeats what $1 can be, so that a generic plan may use tianshu_cases_active_idx
-# (partial: active cases only; migration 0013).
+# (partial: running and waiting cases only; migration 0013).
 _SCAN = f"""
 SELECT case_key FROM tianshu_cases
 WHERE execution_state = $1 AND execution_state IN ('running', 'waiting') AND lifecycle = 'normal'

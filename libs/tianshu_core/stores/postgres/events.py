@@ -13,15 +13,15 @@ from ._backend import Conn, PgBackend
 from ._codec import case_from_row, dump, journal_from_arrays, load
 from .usage import insert_sql, usage_args
 
-# The resource's events after seq $3, as a range of tianshu_events_resource_idx given by row
-# comparisons, in that index's order. Written as `resource_type = $1 AND ... ORDER BY seq`, the
-# planner may instead walk the primary key from seq $3 and filter by resource: for a resource
-# holding many of the events, that reads the whole tail of the table when nothing newer is there.
-# Only this index can give this order, and the range ends where the resource does.
+# The resource's events after seq $3, a range of tianshu_events_resource_idx in that index's
+# order. Its start is a row comparison: written as `seq > $3 ... ORDER BY seq`, the planner may
+# instead walk the primary key from seq $3 and filter by resource, which for a resource holding
+# many of the events reads the whole tail of the table when nothing newer is there. Its end is
+# the equalities on the resource: a btree scan ends only where a row comparison's first column
+# does, so a bound `(type, id, seq) <= (...)` read on through every later resource of the type.
 _NEXT_AFTER = """
 SELECT seq, event_id, payload::text, published_at FROM tianshu_events
-WHERE (resource_type, resource_id, seq) > ($1, $2, $3)
-  AND (resource_type, resource_id, seq) <= ($1, $2, 9223372036854775807)
+WHERE resource_type = $1 AND resource_id = $2 AND (resource_type, resource_id, seq) > ($1, $2, $3)
   AND published_at >= $4
 ORDER BY resource_type, resource_id, seq LIMIT 1
 """

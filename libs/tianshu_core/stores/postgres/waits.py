@@ -64,12 +64,15 @@ WITH batch AS MATERIALIZED (
                 SELECT ch.case_key FROM tianshu_cases ch
                 WHERE ch.parent_key = c.case_key AND ch.execution_state NOT IN ('finished', 'failed')
                 LIMIT 1) IS NULL
-        ELSE EXISTS (
-            SELECT 1 FROM tianshu_events e
-            WHERE (e.resource_type, e.resource_id, e.seq) > (b.resource_type, b.resource_id, b.after_seq)
-              AND (e.resource_type, e.resource_id, e.seq)
-                  <= (b.resource_type, b.resource_id, 9223372036854775807)
-              AND e.published_at >= c.created_at)
+        ELSE (
+            -- As next_after: the first event of the range, in tianshu_events_resource_idx's order
+            -- (under EXISTS the planner may walk tianshu_events_published_idx instead, through
+            -- every event published since the case was created).
+            SELECT e.seq FROM tianshu_events e
+            WHERE e.resource_type = b.resource_type AND e.resource_id = b.resource_id
+              AND (e.resource_type, e.resource_id, e.seq) > (b.resource_type, b.resource_id, b.after_seq)
+              AND e.published_at >= c.created_at
+            ORDER BY e.resource_type, e.resource_id, e.seq LIMIT 1) IS NOT NULL
         END
 ), moved AS (
     UPDATE tianshu_cases c SET execution_state = 'running', updated_at = now()

@@ -101,11 +101,12 @@ BEGIN
                             OR seq = (SELECT max(l.seq) FROM tianshu_journal l
                                        WHERE l.case_key = v_case.case_key))) AS j
               LEFT JOIN LATERAL (
-                    -- As PostgresEventStore.next_after: a range of tianshu_events_resource_idx.
+                    -- As PostgresEventStore.next_after: a range of tianshu_events_resource_idx that
+                    -- ends with the resource (its equalities; a row comparison's bound does not).
                     SELECT ev.seq, ev.event_id, ev.payload, ev.published_at FROM tianshu_events ev
-                     WHERE (ev.resource_type, ev.resource_id, ev.seq) > (p_resource_type, p_resource_id, v_case_after)
+                     WHERE ev.resource_type = p_resource_type AND ev.resource_id = p_resource_id
                        AND (ev.resource_type, ev.resource_id, ev.seq)
-                           <= (p_resource_type, p_resource_id, 9223372036854775807)
+                           > (p_resource_type, p_resource_id, v_case_after)
                        AND ev.published_at >= v_case.created_at
                      ORDER BY ev.resource_type, ev.resource_id, ev.seq LIMIT 1
               ) AS e ON true;
