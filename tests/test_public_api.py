@@ -146,6 +146,7 @@ def test_the_engine_client_and_services_do_not_import_the_local_tooling() -> Non
     modules = [
         "tianshu_core",
         "tianshu_core.engine",
+        "tianshu_core.driver",
         "tianshu_core.client",
         "tianshu_core.stores.postgres",
         "tianshu_scheduler.__main__",

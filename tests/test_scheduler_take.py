@@ -87,11 +87,12 @@ async def test_a_lease_taken_while_stopping_is_handed_back() -> None:
     assert await _lease_is_free(driver, case.case_key)
 
 
-async def test_a_lease_taken_for_a_case_still_running_here_is_used_by_its_next_run() -> None:
-    """The case's previous run has stored its wait and is finishing (still running here) when the
-    wake takes its lease: the lease waits for that run, which runs the case again."""
-    clock = ManualClock()
-    driver = _driver(_registry(), clock)
+async def _wake_while_finishing(
+    driver: ServiceDriver, clock: ManualClock, resource: str
+) -> tuple[Case, asyncio.Event]:
+    """A case woken (by its first event) runs here, stores its next wait and stays in the run's
+    last stage (its listeners) until the returned event is set; meanwhile a second event takes
+    its lease for this driver."""
     engine = driver.engine
     stored, finish = asyncio.Event(), asyncio.Event()
 
@@ -100,13 +101,23 @@ async def test_a_lease_taken_for_a_case_still_running_here_is_used_by_its_next_r
             stored.set()
             await finish.wait()
 
-    case = await engine.run_workflow("await", {"resource": "t"})
+    case = await engine.run_workflow("await", {"resource": resource})
     engine.add_listener(hold)
     clock.advance(1)
-    await driver.publish_event("order", "t", 1)
+    await driver.publish_event("order", resource, 1)
     await stored.wait()
-    second = await driver.publish_event("order", "t", 2)
+    second = await driver.publish_event("order", resource, 2)
     assert [t.case_key for t in second.taken] == [case.case_key]
+    return case, finish
+
+
+async def test_a_lease_taken_for_a_case_still_running_here_is_used_by_its_next_run() -> None:
+    """The case's previous run has stored its wait and is finishing (still running here) when the
+    wake takes its lease: the lease waits for that run, which runs the case again."""
+    clock = ManualClock()
+    driver = _driver(_registry(), clock)
+    engine = driver.engine
+    case, finish = await _wake_while_finishing(driver, clock, "t")
     assert driver.running == {case.case_key}
     # No second run meanwhile: the case stays woken, not run again, until the first run ends.
     for _ in range(10):
@@ -147,20 +158,7 @@ async def test_a_run_cancelled_at_shutdown_hands_back_the_lease_a_wake_took_for_
     clock = ManualClock()
     driver = _driver(_registry(), clock)
     engine = driver.engine
-    stored, finish = asyncio.Event(), asyncio.Event()
-
-    async def hold(case: Case) -> None:
-        if case.execution_state is ExecutionState.WAITING and not finish.is_set():
-            stored.set()
-            await finish.wait()
-
-    case = await engine.run_workflow("await", {"resource": "e"})
-    engine.add_listener(hold)
-    clock.advance(1)
-    await driver.publish_event("order", "e", 1)
-    await stored.wait()
-    second = await driver.publish_event("order", "e", 2)
-    assert [t.case_key for t in second.taken] == [case.case_key]
+    case, _ = await _wake_while_finishing(driver, clock, "e")
     assert not await driver.shutdown(timeout_s=0)
     assert await _lease_is_free(driver, case.case_key)
     report = await Engine(engine.stores, engine.registry, clock=clock).run_case(case.case_key)

@@ -1,8 +1,9 @@
 """The engine: "run a case once" and the library-mode driver around it.
 
 run once = take the case's lease (fencing token), load its journal, replay the workflow,
-execute what is new, persist the outcome and its waits, release. The tick and the scheduler
-service are two drivers of this same operation.
+execute what is new, persist the outcome and its waits, release. The tick and the service-mode
+driver (`tianshu_core.driver.ServiceDriver`, which the scheduler service runs) are two drivers of
+it.
 
 By concept: `_run` (the heart, `CaseRunner`), `_engine` (`Engine`: creating cases, events, the
 library-mode driver, operating on cases), `_lease` (`LeaseKeeper`), `_config` (`EngineConfig`)
