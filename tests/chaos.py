@@ -154,7 +154,7 @@ def plan(
         if unknown := set(chosen) - set(known):
             raise ValueError(f"no such {sorted(unknown)}: choose among {', '.join(known)}")
     rng = random.Random(seed)
-    starts = sorted(rng.uniform(0, 0.8 * duration_s) for _ in range(cases))
+    starts = sorted(rng.uniform(0, duration_s) for _ in range(cases))
     made = tuple(
         CaseStart(
             f"chaos{seed}-{i:04d}",
@@ -168,7 +168,7 @@ def plan(
     weights = [_FAULT_WEIGHTS[kind] for kind in faults]
     kinds = [*faults, *rng.choices(faults, weights=weights, k=n - len(faults))]
     rng.shuffle(kinds)
-    times = sorted(rng.uniform(0, 0.9 * duration_s) for _ in range(n))
+    times = sorted(rng.uniform(0, duration_s) for _ in range(n))
     targets = {"kill_scheduler": schedulers, "kill_runner": runners}
     strikes = tuple(
         Fault(
