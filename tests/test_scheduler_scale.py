@@ -480,6 +480,44 @@ async def test_next_after_reads_its_own_resource_only(plain_conn: asyncpg.Connec
     assert plan["Shared Hit Blocks"] + plan["Shared Read Blocks"] <= 5, plan
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_a_park_reads_its_own_resource_only(plain_conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """tianshu_park's look for an event that came meanwhile reads the waited resource's entries of
+    tianshu_events_resource_idx, not on through those of the thousands of later orders (migration
+    0014; 0008's range, ended by a row comparison, read them all, on every park). Counted in the
+    index's block reads, flushed to the statistics around the park (rolled back)."""
+    last = await plain_conn.fetchval("SELECT max(seq) FROM tianshu_events WHERE resource_id = 'o4242'")
+    blocks = (
+        "SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes "
+        "WHERE indexrelname = 'tianshu_events_resource_idx'"
+    )
+
+    async def index_blocks() -> int:
+        await plain_conn.execute("SELECT pg_stat_force_next_flush()")  # flushed as it commits
+        found: int = await plain_conn.fetchval(blocks)
+        return found
+
+    before = await index_blocks()
+    tr = plain_conn.transaction()
+    await tr.start()
+    try:
+        ready = await plain_conn.fetchval(
+            "SELECT ready FROM tianshu_park('c4242', 0, $1, $2, $3, $4, $5, $6)",
+            ["order"],
+            ["o4242"],
+            ["wait"],
+            [None],
+            [last],
+            [],
+        )
+    finally:
+        await tr.rollback()
+    read = await index_blocks() - before
+    assert ready is False  # nothing newer: the case would wait
+    assert read <= 6, read
+
+
 class _CallRecorder:
     """Records the statement `publish_and_wake` sends (the call of `tianshu_publish_wake_take`)."""
 
