@@ -35,7 +35,6 @@ _REFUSED_CLASSES = ("22", "23")
 _CLOSED_MARKERS = ("connection is closed", "connection was closed", "released back to the pool")
 
 
-
 @functools.cache
 def _nats_transient() -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
     """NATS away, reconnecting, or too slow to answer (the message or request may go through
@@ -57,6 +56,7 @@ def _nats_transient() -> tuple[tuple[type[BaseException], ...], type[BaseExcepti
         nats.js.errors.ServiceUnavailableError,
         nats.js.errors.NoStreamResponseError,
     ), nats.js.errors.APIError
+
 
 # OSErrors about files, not about a peer: a handler that meets one has a bug or a bad input.
 _LOCAL_OS_ERRORS: tuple[type[OSError], ...] = (
