@@ -20,6 +20,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -216,6 +217,24 @@ async def test_changed_settings_are_applied_and_impossible_changes_explained(
     in_memory = StreamSpec(lane.dlq.name, lane.dlq.subjects, storage="memory")
     with pytest.raises(StreamConfigError, match=r"storage: 'file' -> 'memory'"):
         await bus.ensure_stream(js, in_memory)
+
+
+async def test_a_work_queue_stream_keeps_its_retention_and_gets_the_other_changes(
+    nc: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The call streams were work queues; NATS cannot change a retention to or from workqueue, so
+    a deployment's existing stream keeps it (with a warning) rather than stopping the service."""
+    js = nc.jetstream()
+    lane = await make_lane(js)
+    caplog.set_level(logging.INFO, logger="tianshu_core.bus")
+    limits = StreamSpec(lane.work.name, lane.work.subjects, retention="limits", max_age_s=1800)
+    info = await bus.ensure_stream(js, limits)
+    assert info.config.retention == RetentionPolicy.WORK_QUEUE
+    assert info.config.max_age == pytest.approx(1800)
+    assert f"stream {lane.work.name} keeps its workqueue retention" in caplog.text
+    # The call streams themselves are no work queues any more.
+    retention = {spec.name: spec.retention for spec in bus.TianshuStreams().specs()}
+    assert retention[subjects.STREAM_TOOLS] == retention[subjects.STREAM_LLM] == "limits"
 
 
 # Publishing ------------------------------------------------------------------------------------

@@ -14,10 +14,7 @@ from tests import chaos
 
 CASES, DURATION_S, SEED = 20, 10.0, 0
 """A short run: enough for every kind of fault it uses to strike and every feature of `chaos` to run."""
-FAULTS = tuple(fault for fault in chaos.FAULTS if fault != "restart_nats")
-"""Not NATS restarts yet: after one, a tool runner can run again a call whose result is recorded
-(the tool work queue forgets a consumed call's Nats-Msg-Id across a restart, so the same call
-published again is new to it). `make chaos` shows it; the short run must pass until it is fixed."""
+FAULTS = chaos.FAULTS
 
 
 def test_the_plan_has_every_fault_and_feature_and_replays_by_seed() -> None:

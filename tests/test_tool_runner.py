@@ -365,6 +365,38 @@ async def test_sigterm_gives_back_calls_that_outlast_the_shutdown_timeout(
         second.kill()
 
 
+async def test_a_call_sent_again_after_a_nats_restart_does_not_run_again(tmp_path: Path) -> None:
+    """A scheduler that replays a case before its tool result is recorded sends the call again,
+    with the same Nats-Msg-Id: the calls' stream must still know that id after a NATS restart (a
+    work queue forgets the ids of the messages it removed, and the call ran twice)."""
+    with NatsServer(tmp_path / "nats") as server:
+        client = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        js = client.jetstream()
+        runner = ToolRunnerProcess(tmp_path, server.url).start()
+        try:
+            async with Results(js) as results:
+                call = new_call("sleep", {"seconds": 0.0, "tag": "once"})
+                await send_call(js, call)
+                await results.wait(call.call_id, within=15)
+            await asyncio.to_thread(server.restart)
+            ack = await js.publish(
+                subjects.tool_call(call.tool),
+                call.model_dump_json().encode(),
+                headers={subjects.HEADER_MSG_ID: call.call_id},
+                timeout=15,
+            )
+            assert ack.duplicate, "the calls' stream forgot the call's id"
+            # A call sent later with another id is run: the runner is serving after the restart.
+            async with Results(js) as results:
+                later = new_call("sleep", {"seconds": 0.0, "tag": "later"})
+                await send_call(js, later)
+                await results.wait(later.call_id, within=30)
+            assert [r.tag for r in executions(runner.tool_log)] == ["once", "later"]
+        finally:
+            runner.kill()
+            await client.close()
+
+
 # -- concurrency and scale-out -----------------------------------------------------------------
 
 

@@ -34,11 +34,12 @@ Why these choices:
 - Notifications and refusals are core NATS: a client subscribes first, then reads the case
   (`tianshu.v1.rpc.cases.get`) to cover a case that ended before it subscribed. Postgres, not NATS,
   is the record; the DLQ stream keeps every refused message durably.
-- Tool calls go to a work-queue stream (TIANSHU_TOOLS): a call is stored until one runner has
-  acknowledged it, and every runner pulls from one durable consumer (`tianshu-tool-runner`), so
-  adding runners adds capacity. The tool's name is in the subject, so a runner that loads only
-  some tools can filter on theirs. Results go to their own stream, by case, so a result outlives a
-  scheduler restart and reaches whichever scheduler holds the case.
+- Tool calls go to a stream (TIANSHU_TOOLS) that every runner pulls from through one durable
+  consumer (`tianshu-tool-runner`): each call goes to one runner, and adding runners adds capacity.
+  The stream keeps calls a day, answered or not, so that a call sent again under its id is dropped
+  as a duplicate even after a NATS restart (a work queue forgets the ids of what it removed). Model
+  calls go to TIANSHU_LLM the same way. Results go to their own stream, by case, so a result
+  outlives a scheduler restart and reaches whichever scheduler holds the case.
 - Resource ids are encoded with `tokens.encode_token`; resource types and case keys are plain tokens.
 """
 

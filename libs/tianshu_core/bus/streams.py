@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from nats.js import JetStreamContext
@@ -184,6 +184,10 @@ class TianshuStreams:
     replicas: int = 1
     events_max_age_s: float = 7 * DAY_S
     cases_max_age_s: float = 7 * DAY_S
+    calls_max_age_s: float = DAY_S
+    """How long tool and model calls stay in their streams, answered or not: past any call's
+    deadline, and past the duplicate window, so that a call sent again is recognised as the same
+    one even after a NATS restart (a work queue forgets the ids of the messages it removed)."""
     dlq_max_age_s: float = 30 * DAY_S
     llm_stream_max_age_s: float = 600.0
     duplicate_window_s: float = 120.0
@@ -210,9 +214,8 @@ class TianshuStreams:
             StreamSpec(
                 name=subjects.STREAM_TOOLS,
                 subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_TOOLS],
-                retention="workqueue",
-                max_age_s=self.cases_max_age_s,
-                description="Tool calls: work for the tool runners, removed once answered.",
+                max_age_s=self.calls_max_age_s,
+                description="Tool calls: work for the tool runners, through their one shared consumer.",
                 **common,
             ),
             StreamSpec(
@@ -225,9 +228,8 @@ class TianshuStreams:
             StreamSpec(
                 name=subjects.STREAM_LLM,
                 subjects=subjects.STREAM_SUBJECTS[subjects.STREAM_LLM],
-                retention="workqueue",
-                max_age_s=self.cases_max_age_s,
-                description="Model calls: work for the LLM gateways, removed once answered.",
+                max_age_s=self.calls_max_age_s,
+                description="Model calls: work for the LLM gateways, through their one shared consumer.",
                 **common,
             ),
             StreamSpec(
@@ -284,6 +286,17 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> StreamInfo:
             raise StreamConfigError(f"cannot create stream {spec.name}: {exc.description or exc}") from exc
         log.info("created stream %s (%s)", spec.name, ", ".join(spec.subjects))
         return info
+    current = _value(info.config.retention)
+    if spec.retention != current and "workqueue" in (spec.retention, current):
+        # NATS cannot change a stream's retention to or from workqueue: keep it, update the rest.
+        log.warning(
+            "stream %s keeps its %s retention (wanted: %s; NATS cannot change it in place). Delete "
+            "it when it holds no work, and the next start creates it anew.",
+            spec.name,
+            current,
+            spec.retention,
+        )
+        spec = replace(spec, retention=current)
     changes = spec.differences(info.config)
     if not changes:
         return info
