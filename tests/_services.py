@@ -129,7 +129,7 @@ class SchedulerProcess(ServiceProcess):
     unless ``TIANSHU_WORKFLOWS`` says otherwise; its step bodies record their runs under `workdir`."""
 
     command = (sys.executable, "-m", "tianshu_scheduler")
-    kind = "sched"
+    kind = "scheduler"
 
     def __init__(self, workdir: Path, database_url: str, nats_url: str, **env: str) -> None:
         super().__init__(workdir)
