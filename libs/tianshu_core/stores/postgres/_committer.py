@@ -40,9 +40,9 @@ WHERE c.lease_token = $6 AND c.lifecycle = 'normal'
 ON CONFLICT (case_key, seq) DO NOTHING
 RETURNING seq
 """
-# The batch: `tianshu_append_journal` (migration 0012), the same INSERT ... SELECT for many rows
-# (the cases locked FOR SHARE in key order), inside a function that plans it for each call: a plan
-# cached while tianshu_cases was small would keep scanning it sequentially as it grows.
+# The batch: `tianshu_append_journal` (migrations 0012, 0015), the same INSERT ... SELECT for many
+# rows (the cases locked FOR SHARE in key order), inside a function whose cached plan cannot scan
+# tianshu_cases sequentially: one cached while the table was small would keep doing so as it grows.
 _INSERT_MANY = "SELECT out_case_key, out_seq FROM tianshu_append_journal($1, $2, $3, $4, $5, $6, $7)"
 # Rows the INSERT did not return: either refused by the fence, taken by another writer, or
 # written by our own earlier attempt whose commit reply was lost (same kind, name and token).
