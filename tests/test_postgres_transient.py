@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -249,3 +250,25 @@ async def test_a_kept_connection_killed_while_idle_is_not_used_again(pg_url: str
     finally:
         await admin.close()
         await stores.close()
+
+
+async def test_the_schema_check_at_connect_waits_out_a_dropped_connection(
+    pg_migrated_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Postgres restarting as a service starts drops its first connection mid-check: the check
+    is retried like any statement, instead of the service exiting with a traceback."""
+    migrations = sys.modules["tianshu_core.stores.postgres.migrate"]
+    real = migrations.applied_migrations
+    calls = 0
+
+    async def dropped_once(conn: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle")
+        return await real(conn)
+
+    monkeypatch.setattr(migrations, "applied_migrations", dropped_once)
+    stores = await connect_postgres(pg_migrated_url, max_size=2, retry=FAST_RETRY)
+    await stores.close()
+    assert calls == 2

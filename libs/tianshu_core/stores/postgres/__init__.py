@@ -10,7 +10,7 @@ import logging
 
 from ..protocols import Stores
 from . import migrate as _migrations
-from ._backend import PgBackend, create_pool
+from ._backend import Conn, PgBackend, create_pool
 from ._retry import RetryConfig, is_transient
 from .cases import PostgresCaseStore, PostgresLeaseStore
 from .events import PostgresEventStore
@@ -72,9 +72,14 @@ async def connect_postgres(
         retry=retry,
     )
     db = PgBackend(pool, retry)
+
+    async def check(conn: Conn, _attempt: int) -> None:
+        _migrations.check_version(await _migrations.applied_migrations(conn))
+
     try:
-        async with pool.acquire() as conn:
-            _migrations.check_version(await _migrations.applied_migrations(conn))
+        # Retried like every statement: a connection dropped at start (a Postgres restarting) is
+        # an outage to wait out, not a crash.
+        await db.run("schema check", check)
     except BaseException:
         await db.close()
         raise
