@@ -24,6 +24,7 @@ from tianshu_core import (
     RunStatus,
     SpawnConfig,
     Stores,
+    Timer,
     WorkflowContext,
     WorkflowRegistry,
     WorkflowResult,
@@ -260,3 +261,78 @@ async def test_the_sweep_wakes_a_parent_whose_children_all_ended_unseen(backend:
     assert parent.case_key in await _full_round(engine)
     await engine.run_until_idle()
     assert (await engine.get_case(parent.case_key)).output == [0, 0]
+
+
+def _sleeper() -> WorkflowRegistry:
+    reg = WorkflowRegistry()
+
+    @reg.workflow("sleeper")
+    async def sleeper(ctx: WorkflowContext) -> WorkflowResult:
+        await ctx.sleep(60)
+        return await ctx.finish("done", output="woke")
+
+    return reg
+
+
+async def test_a_timer_that_falls_due_while_its_case_parks_survives_a_crash_after_the_park(
+    backend: Backend,
+) -> None:
+    """The sleeper's timer falls due between its run's look at the clock and its park, and a
+    sweep runs in that gap (the case is running: the sweep cannot wake it). The process dies
+    right after the park commits. A restarted process still wakes and finishes the case: the
+    sweep left the timer of the running case for after its park."""
+    reg = _sleeper()
+    engine = _engine(backend.stores, reg, backend)
+    case = await engine.start_case("sleeper", case_key=f"sleeper-{backend.name}")
+
+    async def sweep_in_the_gap() -> None:
+        backend.clock.advance(seconds=61)  # due now, and the run has already looked
+        assert await engine.fire_due_timers() == []  # running: nothing to wake yet
+
+    def hook(name: str, phase: str, _args: tuple[Any, ...]) -> Awaitable[None] | None:
+        if name == "cases.park" and phase == "before":
+            return sweep_in_the_gap()
+        if name == "cases.park" and phase == "after":
+            raise Crash()  # parked; the run's own look at the due timer never happens
+        return None
+
+    with pytest.raises(Crash):
+        await _engine(_wrapped(backend.stores, hook), reg, backend).run_case(case.case_key)
+    assert (await engine.get_case(case.case_key)).execution_state is ExecutionState.WAITING
+    assert case.case_key in await engine.fire_due_timers()
+    await engine.run_until_idle()
+    done = await engine.get_case(case.case_key)
+    assert (done.execution_state, done.output) == (ExecutionState.FINISHED, "woke")
+
+
+async def test_the_sweep_leaves_the_due_timers_of_running_cases_until_they_park(backend: Backend) -> None:
+    """Due timers of cases still running are passed over, not dropped: the sweep goes on to the
+    waiting cases behind them, and fires them once their cases are stored waiting."""
+    reg = _sleeper()
+    engine = _engine(backend.stores, reg, backend, tick_batch=2)
+    sleeping = [f"due-{backend.name}-{i}" for i in range(2)]
+    for key in sleeping:
+        assert (await engine.run_workflow("sleeper", case_key=key)).execution_state is ExecutionState.WAITING
+    backend.clock.advance(seconds=30)
+    running = [f"busy-{backend.name}-{i}" for i in range(3)]
+    for key in running:  # started, not run yet: their due timers come first in fire order
+        await engine.start_case("sleeper", case_key=key)
+        await backend.stores.timers.schedule(Timer(key, "sleep", backend.clock.now()))
+    backend.clock.advance(seconds=31)
+    assert sorted(k for k in await _fire_all(engine) if k in sleeping + running) == sleeping
+    for key in running:  # now they wait (as a park would store them)
+        case = await engine.get_case(key)
+        case.execution_state = ExecutionState.WAITING
+        await backend.stores.cases.upsert(case)
+    assert sorted(k for k in await _fire_all(engine) if k in running) == running
+
+
+async def _fire_all(engine: Engine) -> list[str]:
+    """`fire_due_timers` until a round wakes nothing (other tests' timers are in this database too)."""
+    woken: list[str] = []
+    for _ in range(1000):
+        batch = await engine.fire_due_timers()
+        if not batch:
+            return woken
+        woken += batch
+    raise AssertionError("the due timers never ran out")

@@ -354,6 +354,8 @@ async def test_a_stale_holder_schedules_no_timer(stores: Stores) -> None:
     ):
         with pytest.raises(LeaseLostError):
             await stores.timers.schedule(timer, token=old.token)
+    case.execution_state = ExecutionState.WAITING  # parked: due() leaves out running cases' timers
+    await stores.cases.upsert(case)
     due = await stores.timers.due(base + timedelta(days=1), limit=10_000)
     assert [t for t in due if t.case_key == case.case_key] == [Timer(case.case_key, "wake", base)]
 

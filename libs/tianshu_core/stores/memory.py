@@ -606,7 +606,14 @@ class InMemoryTimerStore:
         self._db.timers[(timer.case_key, timer.name)] = timer
 
     async def due(self, now: datetime, *, limit: int = 100) -> list[Timer]:
-        found = sorted((t for t in self._db.timers.values() if t.fire_at <= now), key=lambda t: t.fire_at)
+        def running(key: str) -> bool:
+            case = self._db.cases.get(key)
+            return case is not None and case.execution_state is ExecutionState.RUNNING
+
+        found = sorted(
+            (t for t in self._db.timers.values() if t.fire_at <= now and not running(t.case_key)),
+            key=lambda t: (t.fire_at, t.case_key, t.name),
+        )
         return found[:limit]
 
     async def delete(self, case_key: str, name: str) -> None:

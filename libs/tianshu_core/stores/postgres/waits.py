@@ -180,11 +180,14 @@ class PostgresTimerStore:
         check_fence(timer.case_key, token, found)
 
     async def due(self, now: datetime, *, limit: int = 100) -> list[Timer]:
-        """Timers with fire_at <= now, earliest first."""
+        """Timers with fire_at <= now, earliest first; not those of cases still running (a run
+        that parks after its timer fell due needs that timer, which the sweep would drop)."""
         rows = await self._db.fetch(
             "timer due",
-            "SELECT case_key, name, fire_at FROM tianshu_timers WHERE fire_at <= $1 "
-            "ORDER BY fire_at, case_key, name LIMIT $2",
+            "SELECT t.case_key, t.name, t.fire_at FROM tianshu_timers t WHERE t.fire_at <= $1 "
+            "AND NOT EXISTS (SELECT 1 FROM tianshu_cases c WHERE c.case_key = t.case_key "
+            "AND c.execution_state = 'running') "
+            "ORDER BY t.fire_at, t.case_key, t.name LIMIT $2",
             now,
             limit,
         )
