@@ -86,13 +86,19 @@ async def nap_nul(seconds: Annotated[float, Field(ge=0, le=60)], tag: str = "") 
     return "binary\x00output"
 
 
+@tool(safety=ToolSafety.READ_ONLY)
+async def quotes(size: Annotated[int, Field(ge=0, le=10_000_000)]) -> str:
+    """`size` double quotes: a result whose JSON is twice its length (each is escaped)."""
+    return '"' * size
+
+
 @tool
 async def ghost() -> str:
     """Offered to the model by the workflow, but served by no runner."""
     return "unreachable"
 
 
-tools = ToolRegistry([echo, sleep, fail, hang, big, Lookup(), nap, nap_nul, wait_file])
+tools = ToolRegistry([echo, sleep, fail, hang, big, Lookup(), nap, nap_nul, wait_file, quotes])
 """What the runners serve."""
 
 offered = ToolRegistry([*tools, ghost])

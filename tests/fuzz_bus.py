@@ -9,7 +9,8 @@ It starts a nats-server of its own (`tests._nats.NatsServer`), a fresh database 
 (``--database-url``, else ``TIANSHU_TEST_DATABASE_URL``, Docker or the embedded one: `tests._pg`),
 and a scheduler and a tool runner as processes (the stack of tests/test_tool_service.py, with a
 short delivery budget). Hypothesis generates the bad messages, category by category (`CATEGORIES`:
-each subject the services consume, times a way of being bad), the examples shared out evenly; the
+each subject these two services consume, the model results included, times a way of being bad; the
+LLM gateway's calls are fuzzed by none here), the examples shared out evenly; the
 run is the same for the same seed. Each is published with a `Nats-Msg-Id` of its own. Among them,
 good cases of `e2e_wait_then_agent` (tests/e2e_agent.py: a wait for an event, then a tool call) are
 started, and get their event once they wait.
@@ -56,6 +57,7 @@ from tianshu_contracts import (
     CASE_COMMAND_ADAPTER,
     DEAD_LETTER_ADAPTER,
     EVENT_PAYLOAD_ADAPTER,
+    LLM_CALL_RESULT_ADAPTER,
     START_CASE_ADAPTER,
     TOOL_CALL_REQUEST_ADAPTER,
     TOOL_CALL_RESULT_ADAPTER,
@@ -208,6 +210,9 @@ class Inbox:
     """Its typed fields and their JSON types ("str" or "float"), for wrong types."""
     any_json: str | None = None
     """The field that takes any JSON ("" for a message that is any JSON)."""
+    size_limited: bool = True
+    """Whether its consumer refuses a message over `LIMIT` (`too_large`): the model results' takes
+    what the NATS server carries, so nothing over LIMIT is too large for it."""
 
 
 def nobody(t: Targets) -> st.SearchStrategy[str]:
@@ -283,6 +288,25 @@ def _result(t: Targets) -> st.SearchStrategy[tuple[str, Any]]:
     )
 
 
+def _llm_result_body(t: Targets, key: str, content: str) -> dict[str, Any]:
+    return {
+        "kind": "llm_call_result",
+        "call_id": f"{t.run}-llm-{key}",
+        "case_key": key,
+        "record": "agent/r1/llm",
+        "route": "default",
+        "response": {"kind": "llm_response", "content": content, "finish_reason": "stop"},
+        "gateway": "fuzz",
+        "duration_s": 0.1,
+    }
+
+
+def _llm_result(t: Targets) -> st.SearchStrategy[tuple[str, Any]]:
+    return st.builds(
+        lambda key, text: (subjects.llm_result(key), _llm_result_body(t, key, text)), nobody(t), texts
+    )
+
+
 def _with(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return {**body, **changes}
 
@@ -336,6 +360,22 @@ INBOXES = [
             "runner": "str",
             "duration_s": "float",
         },
+    ),
+    Inbox(
+        "llm-result",
+        LLM_CALL_RESULT_ADAPTER,
+        _llm_result,
+        lambda body, text: _with(body, response=_with(body["response"], content=text)),
+        {
+            "kind": "str",
+            "call_id": "str",
+            "case_key": "str",
+            "record": "str",
+            "route": "str",
+            "gateway": "str",
+            "duration_s": "float",
+        },
+        size_limited=False,
     ),
 ]
 
@@ -414,7 +454,6 @@ def _generic(inbox: Inbox) -> None:
 
         return make()
 
-    @category(f"{prefix}/oversized")
     def oversized(t: Targets) -> st.SearchStrategy[Bad]:
         return st.builds(
             lambda sb, extra: _bad(
@@ -423,6 +462,9 @@ def _generic(inbox: Inbox) -> None:
             inbox.valid(t),
             st.integers(1, 4096),
         )
+
+    if inbox.size_limited:
+        category(f"{prefix}/oversized")(oversized)
 
     if not inbox.fields:
         return
@@ -450,8 +492,9 @@ def _generic(inbox: Inbox) -> None:
             subject, body = draw(inbox.valid(t))
             key = draw(texts.filter(lambda k: k not in body))
             value = draw(json_values)
-            if "result" in body and draw(st.booleans()):  # one level down, in the ToolResult
-                changed = {**body, "result": {**body["result"], key: value}}
+            inner = "result" if "result" in body else "response" if "response" in body else None
+            if inner is not None and draw(st.booleans()):  # one level down: the ToolResult, the LlmResponse
+                changed = {**body, inner: {**body[inner], key: value}}
             else:
                 changed = {**body, key: value}
             return _bad(f"{prefix}/unknown-field", subject, dumps(changed), R.SCHEMA_INVALID)
@@ -563,6 +606,7 @@ def _addressed(
 
 _addressed("command", _command, subjects.case_command)
 _addressed("result", _result, subjects.tool_result)
+_addressed("llm-result", _llm_result, subjects.llm_result)
 
 
 @category("event/nul")
@@ -666,6 +710,27 @@ def _result_nul(t: Targets) -> st.SearchStrategy[Bad]:
         else:
             body[where] = nul
         return _bad("result/nul", subjects.tool_result(key), dumps(body, draw(st.booleans())), R.UNSTORABLE)
+
+    return make()
+
+
+@category("llm-result/nul")
+def _llm_result_nul(t: Targets) -> st.SearchStrategy[Bad]:
+    """A model's answer for a good case (a call it never made) with a NUL in a string the store would keep."""
+
+    @st.composite
+    def make(draw: st.DrawFn) -> Bad:
+        key = draw(st.sampled_from(t.anchors))
+        body = _llm_result_body(t, key, draw(texts))
+        nul = draw(nul_texts)
+        where = draw(st.sampled_from(["content", "record", "route", "gateway", "call_id"]))
+        if where == "content":
+            body["response"] = {**body["response"], "content": nul}
+        else:
+            body[where] = nul
+        return _bad(
+            "llm-result/nul", subjects.llm_result(key), dumps(body, draw(st.booleans())), R.UNSTORABLE
+        )
 
     return make()
 
@@ -796,6 +861,7 @@ CONSUMERS = [
     (subjects.STREAM_EVENTS, subjects.CONSUMER_EVENTS),
     (subjects.STREAM_TOOLS, subjects.CONSUMER_TOOL_CALLS),
     (subjects.STREAM_TOOL_RESULTS, subjects.CONSUMER_TOOL_RESULTS),
+    (subjects.STREAM_LLM_RESULTS, subjects.CONSUMER_LLM_RESULTS),
 ]
 
 

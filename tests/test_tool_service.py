@@ -581,6 +581,37 @@ async def test_read_only_calls_overlap_an_exclusive_one_overlaps_nothing_and_lon
     assert content.endswith(f"\n[truncated: {kept} of 10001 bytes]") and kept > 1900
 
 
+@pytest.mark.parametrize("tool", ["big", "quotes"])
+async def test_a_result_the_runner_cuts_still_fits_the_schedulers_event_limit_once_wrapped(
+    stack: Stack, js: JetStreamContext, nc: Client, db: CaseDb, tool: str
+) -> None:
+    # The runner's result limit (256 KiB) does not fit under the event limit (64 KiB) both
+    # services are given: the runner says so at start and cuts results to what fits once wrapped,
+    # JSON escaping included (`quotes`: each of its bytes takes two in JSON). A result that did
+    # not fit would be dead-lettered `too_large` by the scheduler, and the model told at the
+    # call's deadline that no result arrived.
+    limit = 64 * 1024
+    stack.scheduler(TIANSHU_MAX_EVENT_PAYLOAD_BYTES=str(limit), TIANSHU_SCHEDULER_TOOL_GRACE_S="1")
+    (runner,) = await stack.start_runners(
+        1, TIANSHU_MAX_EVENT_PAYLOAD_BYTES=str(limit), TIANSHU_TOOL_RUNNER_MAX_RESULT_BYTES=str(256 * 1024)
+    )
+    key = new_key(f"fit-{tool}")
+    call = {"tool": tool, "args": {"size": 200_000}}
+    await request_start(
+        nc, "e2e_agent", {"rounds": [[call]], "answer": "fitted", "tool_timeout_s": 5}, key=key
+    )
+    done = await db.wait_state(key, "finished", context=stack.logs)
+    assert done["output"] == "fitted"
+    ((call_id, content),) = model_calls(stack.workdir, key)[1].results
+    assert call_id == "r1c1" and content.endswith(" of 200000 bytes]"), content[-200:]
+    assert len(ToolResult(call_id="r1c1", content=content).model_dump_json().encode()) < limit
+    assert (
+        "does not fit under the NATS max_payload (8388608) and TIANSHU_MAX_EVENT_PAYLOAD_BYTES (65536)"
+        in (runner.log_text())
+    )
+    assert (await js.stream_info(subjects.STREAM_DLQ)).state.messages == 0
+
+
 # -- tracing -----------------------------------------------------------------------------------
 
 

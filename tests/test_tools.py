@@ -32,7 +32,7 @@ from tianshu_core import (
     Usage,
     tool,
 )
-from tianshu_core.tools import truncate
+from tianshu_core.tools import truncate, truncated_parts
 
 # -- the LLM contracts ----------------------------------------------------------------------------
 
@@ -336,6 +336,20 @@ def test_truncate() -> None:
     cut = truncate("a" * 1000, 64)
     assert cut == "a" * len(cut.split("\n")[0]) + f"\n[truncated: {len(cut.split(chr(10))[0])} of 1000 bytes]"
     assert len(cut) <= 64
+
+
+def test_a_cut_text_cut_again_still_names_the_original_size() -> None:
+    first = truncate("a" * 1000, 500)
+    kept, total = truncated_parts(first)
+    assert total == 1000 and first == kept + f"\n[truncated: {len(kept)} of 1000 bytes]"
+    again = truncate(kept, 100, total=total)
+    assert len(again) <= 100 and again.endswith(" of 1000 bytes]")
+    assert truncated_parts(again) == (again.split("\n")[0], 1000)
+    # A part that fits is still marked: it is not the whole text.
+    assert truncate("a" * 10, 100, total=1000) == "a" * 10 + "\n[truncated: 10 of 1000 bytes]"
+    # Text that was never cut, or only looks so, is whole.
+    assert truncated_parts("plain") == ("plain", 5)
+    assert truncated_parts("x\n[truncated: 7 of 1000 bytes]") == ("x\n[truncated: 7 of 1000 bytes]", 30)
 
 
 class Echo:

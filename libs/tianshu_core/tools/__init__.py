@@ -18,6 +18,7 @@ from ._executor import (
     nul_message,
     parse_arguments,
     truncate,
+    truncated_parts,
 )
 from ._loop import TOOL_RESULT_RESOURCE, ToolLoopConfig, ToolLoopMaxRoundsError
 from ._registry import ToolRegistry
@@ -56,4 +57,5 @@ __all__ = [
     "spec_of",
     "tool",
     "truncate",
+    "truncated_parts",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -96,17 +97,33 @@ def nul_message(tool: str) -> str:
     )
 
 
-def truncate(text: str, limit: int) -> str:
+def truncate(text: str, limit: int, *, total: int | None = None) -> str:
     """`text` cut to at most `limit` UTF-8 bytes, marker included: `\\n[truncated: N of M bytes]`.
 
-    N is the number of bytes kept, M the original size. The cut never splits a character.
+    N is the number of bytes kept, M the original size: `total` when `text` is itself the kept
+    part of a longer original (a result cut again), else the size of `text`. The cut never splits
+    a character.
     """
     raw = text.encode()
-    if len(raw) <= limit:
+    size = len(raw) if total is None else total
+    if len(raw) <= limit and size == len(raw):
         return text
-    room = max(0, limit - len(f"\n[truncated: {len(raw)} of {len(raw)} bytes]"))
+    room = max(0, limit - len(f"\n[truncated: {size} of {size} bytes]"))
     kept = raw[:room].decode(errors="ignore")
-    return f"{kept}\n[truncated: {len(kept.encode())} of {len(raw)} bytes]"
+    return f"{kept}\n[truncated: {len(kept.encode())} of {size} bytes]"
+
+
+_MARKER = re.compile(r"\n\[truncated: (\d+) of (\d+) bytes\]\Z")
+
+
+def truncated_parts(text: str) -> tuple[str, int]:
+    """(the part kept, the original size) of a text `truncate` cut; (text, its size) otherwise."""
+    found = _MARKER.search(text)
+    if found is not None:
+        kept = text[: found.start()]
+        if len(kept.encode()) == int(found.group(1)):
+            return kept, int(found.group(2))
+    return text, len(text.encode())
 
 
 def parse_arguments(text: str) -> tuple[dict[str, Any] | None, str | None]:

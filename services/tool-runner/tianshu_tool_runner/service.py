@@ -64,7 +64,14 @@ from tianshu_core.bus import (
     wire_error,
 )
 from tianshu_core.bus.tracing import default_tracer
-from tianshu_core.tools import LocalToolExecutor, ToolInvocation, ToolRegistry, error_result, truncate
+from tianshu_core.tools import (
+    LocalToolExecutor,
+    ToolInvocation,
+    ToolRegistry,
+    error_result,
+    truncate,
+    truncated_parts,
+)
 
 from .settings import ToolRunnerSettings
 from .streams import calls_consumer, runner_streams
@@ -348,13 +355,14 @@ class ToolRunner:
         schedulers' event limit."""
         assert self.nc is not None
         budget = self._result_budget(self.nc.max_payload)
-        content = result.result.content
+        # A result the executor cut already is cut again from its kept part, and its marker still
+        # names the tool's whole output (not the size of the first cut).
+        content, total = truncated_parts(result.result.content)
         limit = len(content.encode())
         while len(encode(result)) > budget and limit > 0:
             limit //= 2
-            result = result.model_copy(
-                update={"result": result.result.model_copy(update={"content": truncate(content, limit)})}
-            )
+            cut = truncate(content, limit, total=total)
+            result = result.model_copy(update={"result": result.result.model_copy(update={"content": cut})})
         return result
 
 
