@@ -321,10 +321,19 @@ async def test_usage_comes_with_the_stream(server: ModelServer, make: Maker, ven
     [
         (OPENAI, "sse_error:0", LlmErrorClass.TRANSIENT),
         (OPENAI, "sse_error:0,type=rate_limit_exceeded", LlmErrorClass.OVERLOADED),
+        (OPENAI, "sse_error:0,shape=event", LlmErrorClass.TRANSIENT),
+        (OPENAI, "sse_error:0,shape=event,type=rate_limit_exceeded", LlmErrorClass.OVERLOADED),
         (ANTHROPIC, "sse_error:0", LlmErrorClass.OVERLOADED),
         (ANTHROPIC, "sse_error:0,type=api_error", LlmErrorClass.TRANSIENT),
     ],
-    ids=["openai-server_error", "openai-rate_limit", "anthropic-overloaded", "anthropic-api_error"],
+    ids=[
+        "openai-server_error",
+        "openai-rate_limit",
+        "openai-event-server_error",
+        "openai-event-rate_limit",
+        "anthropic-overloaded",
+        "anthropic-api_error",
+    ],
 )
 async def test_an_error_in_the_stream_before_any_delta_is_complete(
     make: Maker, vendor: Vendor, script: str, error_class: LlmErrorClass
@@ -334,9 +343,10 @@ async def test_an_error_in_the_stream_before_any_delta_is_complete(
     assert (error.incomplete, error.error_class) == (False, error_class)
     assert not texts(stream)
     assert error.error.message.startswith(f"{vendor.name}: ")
+    assert "error in the stream: " in error.error.message
 
 
-@pytest.mark.parametrize("script", ["sse_error:2", "cut:2"])
+@pytest.mark.parametrize("script", ["sse_error:2", "sse_error:2,shape=event", "cut:2"])
 async def test_a_stream_that_fails_after_deltas_is_incomplete(
     make: Maker, vendor: Vendor, script: str
 ) -> None:
@@ -366,7 +376,12 @@ async def test_a_stream_without_a_finish_reason_is_an_error(make: Maker, vendor:
         ("error:503", LlmErrorClass.OVERLOADED, None),
         ("error:529", LlmErrorClass.OVERLOADED, None),
         ("error:500", LlmErrorClass.TRANSIENT, None),
+        ("error:502", LlmErrorClass.TRANSIENT, None),
+        ("error:504", LlmErrorClass.TRANSIENT, None),
+        ("error:403", LlmErrorClass.CREDENTIALS, None),
         ("error:400", LlmErrorClass.FATAL, None),
+        ("error:404", LlmErrorClass.FATAL, None),
+        ("error:422", LlmErrorClass.FATAL, None),
         ("too_long", LlmErrorClass.PROMPT_TOO_LONG, None),
     ],
 )
@@ -393,6 +408,16 @@ async def test_error_classes(
         False,
         retry_after_s,
     )
+
+
+async def test_a_connection_lost_is_transient(make: Maker, vendor: Vendor) -> None:
+    provider = make(vendor)
+    with pytest.raises(LlmError) as raised:
+        await provider.complete(ask("cut:0"))  # the server hangs up without an answer
+    assert (raised.value.error_class, raised.value.status) == (LlmErrorClass.TRANSIENT, None)
+    assert "connection" in str(raised.value)
+    error = ending(await events(provider, ask("cut:0")))
+    assert (error.error_class, error.incomplete) == (LlmErrorClass.TRANSIENT, False)
 
 
 async def test_anthropic_credit_balance_is_quota_exhausted(make: Maker) -> None:

@@ -451,6 +451,22 @@ async def test_sse_error(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic)
         await message(ant, "sse_error")
 
 
+async def test_sse_error_as_an_event(oai: openai.AsyncOpenAI) -> None:
+    # `event: error` with the error object bare: the SDK does not raise, it hands over a "chunk"
+    # without choices, which a client must take for the error it is.
+    chunks = [
+        chunk async for chunk in await chat(oai, "sse_error:1,shape=event,type=overloaded", stream=True)
+    ]
+    assert [c.choices[0].delta.content for c in chunks[:-1]] == ["", "echo:"]
+    assert chunks[-1].choices is None
+    assert chunks[-1].model_extra == {
+        "message": "The server had an error while processing your request. Sorry about that!",
+        "type": "overloaded",
+        "param": None,
+        "code": None,
+    }
+
+
 async def test_cut(server: ModelServer, oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic) -> None:
     got = []
     with pytest.raises(openai.APIConnectionError):
@@ -682,6 +698,7 @@ def test_parse_script() -> None:
         "text,delay=-1",
         "text,color=red",
         "text,cache=3",
+        "sse_error,shape=bare",
     ],
 )
 def test_parse_script_refuses(bad: str) -> None:

@@ -82,6 +82,13 @@ class OpenAiProvider(SdkProvider[openai.AsyncOpenAI]):
         usage: Usage | None = None
         async with chunks:
             async for chunk in chunks:
+                if chunk.choices is None:
+                    # Not a chunk: an `event: error` whose data is the error object itself (the
+                    # SDK raises only for `{"error": ...}`).
+                    text = _body_text(chunk.model_extra or {}) or "an error event with no message"
+                    raise LlmError(
+                        f"error in the stream: {text}", error_class=status_class(None, text.lower())
+                    )
                 if chunk.usage is not None:
                     usage = _usage(chunk.usage)
                 for choice in chunk.choices:

@@ -48,7 +48,8 @@ Steps:
   else 8192; N is the prompt's tokens, at least M+1.
 - `sse_error[:K]` (K=1): a 200 stream of K text deltas, then an in-band error (OpenAI
   `data: {"error": {..., "type": "server_error"}}`, Anthropic `event: error` with
-  `overloaded_error`; `type=` and `message=` change them). Not streamed: a 500.
+  `overloaded_error`; `type=` and `message=` change them; OpenAI's `shape=event` sends
+  `event: error` with the error object bare instead). Not streamed: a 500.
 - `cut[:K]` (K=1): a 200 stream of K text deltas, then the connection drops mid-body (no
   `[DONE]`, no finish, no message_stop). Not streamed: the connection drops with no answer.
 - `no_finish`: the text reply, whose stream ends cleanly but without a finish reason (OpenAI:

@@ -154,6 +154,9 @@ class Failure:
     """(prompt tokens, context length) of a prompt-too-long error."""
     retry_after: str | None = None
     retry_after_ms: str | None = None
+    shape: str | None = None
+    """How an in-band OpenAI error is framed: "data" (`data: {"error": {...}}`, the default) or
+    "event" (`event: error` with the bare error object)."""
 
     def headers(self) -> list[tuple[str, str]]:
         """The retry headers it carries."""
@@ -227,7 +230,9 @@ def _broken_stream(step: Step, text: str, usage: Usage) -> Reply:
     usage = Usage(usage.input, words(sent), usage.cache_read, usage.cache_write)
     if step.name == "cut":
         return Reply(sent, deltas, usage, finish=None, ending="cut")
-    failure = Failure(500, type=step.options.get("type"), message=step.message)
+    failure = Failure(
+        500, type=step.options.get("type"), message=step.message, shape=step.options.get("shape")
+    )
     return Reply(sent, deltas, usage, finish=None, ending="error", failure=failure)
 
 

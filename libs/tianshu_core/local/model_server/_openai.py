@@ -178,6 +178,8 @@ class OpenAIWire:
                 "param": None,
                 "code": None,
             }
+            if reply.failure.shape == "event":  # `event: error`, the error object bare
+                return [*frames, sse_frame(error, event="error")]
             return [*frames, sse_frame({"error": error})]
         for i, call in enumerate(reply.tool_calls):
             intro = {"index": i, "id": f"call_{call.index}", "type": "function"}

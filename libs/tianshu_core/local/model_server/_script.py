@@ -28,7 +28,8 @@ _NO_ARG = frozenset({"text", "too_long", "no_finish"})
 _FLOAT_OPTIONS = frozenset({"delay", "gap", "retry_after"})
 _INT_OPTIONS = frozenset({"ctx", "retry_after_ms"})
 _TEXT_OPTIONS = frozenset({"say", "text", "type", "message"})
-_OPTIONS = _FLOAT_OPTIONS | _INT_OPTIONS | _TEXT_OPTIONS | {"deny", "cache"}
+_SHAPES = frozenset({"data", "event"})
+_OPTIONS = _FLOAT_OPTIONS | _INT_OPTIONS | _TEXT_OPTIONS | {"deny", "cache", "shape"}
 
 
 class ScriptError(ValueError):
@@ -130,6 +131,8 @@ def _check_option(step_text: str, name: str, value: str) -> None:
             raise ScriptError(f"step {step_text!r}: {name} must not be negative")
         if name in _INT_OPTIONS and int(value) < 0:
             raise ScriptError(f"step {step_text!r}: {name} must not be negative")
+        if name == "shape" and value not in _SHAPES:
+            raise ScriptError(f"step {step_text!r}: shape is one of {', '.join(sorted(_SHAPES))}")
         if name == "cache":
             read, sep, write = value.partition(":")
             if not sep or int(read) < 0 or int(write) < 0:
