@@ -106,6 +106,45 @@ async def test_a_retry_after_over_the_cap_hands_over_to_the_fallback(server: Mod
     assert alone.value.error_class is LlmErrorClass.OVERLOADED and alone.value.retry_after_s == 120
 
 
+async def test_a_retry_after_over_the_cap_is_overloaded_whatever_the_status(server: ModelServer) -> None:
+    # A 500 is transient, but one that asks for two minutes is an overloaded provider: hand over.
+    primary = openai(server, "error:500,retry_after=120", "primary")
+    llm = ResilientLlmProvider([primary, openai(server, "text,say=fallback", "fallback")], FAST)
+    reply = await llm.complete(REQUEST)
+    assert reply.provider == "fallback" and trail(reply) == [("primary", "overloaded"), ("fallback", None)]
+    # Alone, one attempt and an overloaded error: no retry waits the two minutes.
+    alone = ResilientLlmProvider([openai(server, "error:502,retry_after=120", "alone")], FAST)
+    with pytest.raises(LlmError) as failed:
+        await alone.complete(REQUEST)
+    assert failed.value.error_class is LlmErrorClass.OVERLOADED and failed.value.status == 502
+    assert asked(server, "error:502,retry_after=120") == 1
+
+
+async def test_the_retry_statuses_are_a_setting(server: ModelServer) -> None:
+    fallback = openai(server, "text,say=fallback", "fallback")
+    # A 503 left out of the setting is not retried, nor handed over.
+    strict = ResiliencePolicy(backoff_initial_s=0.01, jitter_s=0, retry_statuses=frozenset({429}))
+    with pytest.raises(LlmError) as failed:
+        await ResilientLlmProvider([openai(server, "error:503+text", "primary"), fallback], strict).complete(
+            REQUEST
+        )
+    assert failed.value.error_class is LlmErrorClass.OVERLOADED and trail(failed.value) == [
+        ("primary", "overloaded")
+    ]
+    assert asked(server, "text,say=fallback") == 0
+    # A 409 is fatal by default (one attempt); listed, it is retried.
+    with pytest.raises(LlmError) as fatal:
+        await ResilientLlmProvider([openai(server, "error:409+text")], FAST).complete(REQUEST)
+    assert fatal.value.error_class is LlmErrorClass.FATAL and len(fatal.value.attempts) == 1
+    server.reset()
+    lenient = ResiliencePolicy(
+        backoff_initial_s=0.01, jitter_s=0, retry_statuses=ResiliencePolicy().retry_statuses | {409}
+    )
+    reply = await ResilientLlmProvider([openai(server, "error:409+text")], lenient).complete(REQUEST)
+    assert reply.content == "echo: hello there"
+    assert trail(reply) == [("openai", "fatal"), ("openai", None)]
+
+
 async def test_a_503_hands_over_and_the_primary_cools_down_then_is_tried_again(server: ModelServer) -> None:
     llm = ResilientLlmProvider(
         [openai(server, "error:503+text", "primary"), openai(server, "text,say=fallback", "fallback")], FAST
@@ -203,6 +242,46 @@ async def test_a_stream_failing_before_its_first_delta_falls_back(server: ModelS
     assert isinstance(events[-1], StreamError) and not any(isinstance(e, Done) for e in events)
 
 
+class _Unruly:
+    """A provider whose stream breaks the protocol: it raises `LlmError`, or stops without `Done`."""
+
+    def __init__(self, name: str, *, deltas: int, ending: str) -> None:
+        self.name = name
+        self.deltas = deltas
+        self.ending = ending
+        self.calls = 0
+
+    async def complete(self, request: LlmRequest, *, invocation: Any = None) -> Any:
+        raise AssertionError("not asked")
+
+    async def stream(self, request: LlmRequest, *, invocation: Any = None) -> AsyncIterator[Any]:
+        self.calls += 1
+        for i in range(self.deltas):
+            yield TextDelta(text=f"d{i}")
+        if self.ending == "raise":
+            raise LlmError("busy", error_class=LlmErrorClass.OVERLOADED, provider=self.name)
+
+
+@pytest.mark.parametrize("ending", ["raise", "silent"])
+async def test_a_stream_that_raises_or_stops_without_done_is_a_failure_of_its_attempt(
+    server: ModelServer, ending: str
+) -> None:
+    # Before the first delta: the next provider answers.
+    unruly = _Unruly("unruly", deltas=0, ending=ending)
+    llm = ResilientLlmProvider([unruly, openai(server, "text,say=fallback", "fallback")], FAST)
+    events = [e async for e in llm.stream(REQUEST)]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "fallback"
+    assert isinstance(events[-1], Done) and unruly.calls == 1
+    # After it: the stream ends with an incomplete StreamError, no fallback.
+    unruly = _Unruly("unruly", deltas=2, ending=ending)
+    llm = ResilientLlmProvider([unruly, openai(server, "text,say=late", "late")], FAST)
+    events = [e async for e in llm.stream(REQUEST)]
+    assert [type(e) for e in events] == [TextDelta, TextDelta, StreamError]
+    end = events[-1]
+    assert isinstance(end, StreamError) and end.incomplete
+    assert asked(server, "text,say=late") == 0
+
+
 async def test_the_token_limit_by_default_and_opt_in(server: ModelServer) -> None:
     request = REQUEST.model_copy(update={"max_tokens": 10})
     cut = await ResilientLlmProvider([openai(server, "length:50")], FAST).complete(request)
@@ -216,6 +295,22 @@ async def test_the_token_limit_by_default_and_opt_in(server: ModelServer) -> Non
     # Every attempt was paid for: the usage is their sum.
     assert whole.usage.completion_tokens == 10 + 20 + 40 + 50
     assert whole.usage.completion_tokens == sum(a.usage.completion_tokens for a in whole.attempts)
+
+
+async def test_the_opt_in_token_limit_returns_the_cut_reply_when_no_whole_one_comes(
+    server: ModelServer,
+) -> None:
+    request = REQUEST.model_copy(update={"max_tokens": 10})
+    # Attempts run out before the ceiling: the last cut reply, paid for, is the answer.
+    policy = ResiliencePolicy(backoff_initial_s=0.01, jitter_s=0, max_attempts=2, length_retry_ceiling=1000)
+    cut = await ResilientLlmProvider([openai(server, "length:500")], policy).complete(request)
+    assert cut.finish_reason == "length" and len(cut.content.split()) == 20
+    assert cut.usage.completion_tokens == 10 + 20 and len(cut.attempts) == 2
+    # The larger limit fails (as a limit over the model's own may): the cut reply again.
+    policy = ResiliencePolicy(backoff_initial_s=0.01, jitter_s=0, length_retry_ceiling=1000)
+    cut = await ResilientLlmProvider([openai(server, "length:500+error:400")], policy).complete(request)
+    assert cut.finish_reason == "length" and len(cut.content.split()) == 10
+    assert trail(cut) == [("openai", None), ("openai", "fatal")]
 
 
 async def test_a_prompt_too_long_is_not_retried(server: ModelServer) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Self
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from tianshu_contracts.llm import (
+    Done,
     LlmAttempt,
     LlmErrorClass,
     LlmRequest,
@@ -52,6 +53,7 @@ _HAND_OVER = frozenset({LlmErrorClass.QUOTA_EXHAUSTED, LlmErrorClass.CREDENTIALS
 _NEVER_AGAIN = frozenset(
     {LlmErrorClass.PROMPT_TOO_LONG, LlmErrorClass.FATAL, LlmErrorClass.REQUEST_TOO_LARGE}
 )
+_WAIT_AGAIN = frozenset({LlmErrorClass.TRANSIENT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,9 @@ class ResiliencePolicy:
     retry_after_cap_s: float = 60.0
     """The longest `Retry-After` honoured; a provider asking longer counts as overloaded."""
     retry_statuses: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504, 529})
-    """HTTP statuses worth another attempt (transient or overloaded ones); others are not retried."""
+    """HTTP statuses worth another attempt; others are not retried (a refused key or a spent
+    quota still hands over to the next provider). A listed status whose class is fatal (409, if
+    added) is retried like a transient one; prompt too long never is."""
     cooldown_s: float = 5.0
     """How long a provider that failed is tried after the others, in this process."""
     length_retry_ceiling: int | None = None
@@ -113,6 +117,8 @@ class _Call:
     per_provider: dict[int, int] = field(default_factory=dict)
     wait_s: float = 0.0
     last: LlmError | None = None
+    cut: LlmResponse | None = None
+    """The last reply cut at the token limit, while a larger limit is asked for (opt-in)."""
 
     @property
     def usage(self) -> Usage:
@@ -175,6 +181,16 @@ class ResilientLlmProvider:
     async def complete(self, request: LlmRequest, *, invocation: LlmInvocation | None = None) -> LlmResponse:
         """The first answer the chain gives; the last `LlmError` (with every attempt) if none does."""
         call = _Call(request)
+        try:
+            return await self._complete(call, invocation)
+        except LlmError:
+            if call.cut is None:
+                raise
+            # The opt-in larger limit got no whole reply (attempts ran out, or the larger limit
+            # failed): the cut reply, paid for, is the answer, as it is without the option.
+            return call.cut.model_copy(update={"usage": call.usage, "attempts": list(call.attempts)})
+
+    async def _complete(self, call: _Call, invocation: LlmInvocation | None) -> LlmResponse:
         # The first attempt outside tenacity: almost every call answers at once, and the hot path
         # should not pay for a retry controller it does not use.
         try:
@@ -210,6 +226,7 @@ class ResilientLlmProvider:
         if response.finish_reason == "length" and ceiling and limit and limit < ceiling:
             # Opt-in: the same provider again with a larger limit (the cut reply was paid for).
             call.request = call.request.model_copy(update={"max_tokens": min(ceiling, limit * 2)})
+            call.cut = response
             call.wait_s = 0.0
             raise _Again(
                 LlmError("the reply was cut at the token limit", error_class=LlmErrorClass.OUTPUT_TRUNCATED)
@@ -244,7 +261,7 @@ class ResilientLlmProvider:
         delivered = False
         usage = Usage()
         # Closed at once when the loop leaves it: the provider's span (and connection) end now.
-        async with _closing(provider.stream(call.request, invocation=invocation)) as events:
+        async with _closing(_ended(provider.stream(call.request, invocation=invocation))) as events:
             async for event in events:
                 if isinstance(event, StreamError):
                     err = _of(provider, LlmError.from_stream_error(event))
@@ -300,15 +317,23 @@ class ResilientLlmProvider:
     ) -> None:
         """Record a failed attempt and decide: raise `_Again` (with `call.wait_s` set) or the error."""
         policy = self.policy
+        too_long_wait = err.retry_after_s is not None and err.retry_after_s > policy.retry_after_cap_s
+        if too_long_wait and err.error_class in _WAIT_AGAIN:
+            # Asked to wait longer than the cap: overloaded, whatever the status said (a 500 or a
+            # 502 with a long Retry-After hands over like a 503).
+            err = _reclassified(err, LlmErrorClass.OVERLOADED)
         self._record(call, index, err.error_class, err.status, err.usage + (usage or Usage()), duration_s)
         call.last = err
         cls = err.error_class
         others = self._others(call, index)
-        unlisted = err.status is not None and err.status not in policy.retry_statuses
-        if cls in _NEVER_AGAIN or (unlisted and cls not in _HAND_OVER):
+        listed = err.status is not None and err.status in policy.retry_statuses
+        unlisted = err.status is not None and not listed
+        # A status the policy lists is worth another attempt even if its class says fatal (a 409
+        # someone added, say); a status it leaves out is not, whatever its class.
+        never = cls in _NEVER_AGAIN and not (cls is LlmErrorClass.FATAL and listed)
+        if never or (unlisted and cls not in _HAND_OVER):
             raise self._final(call, err)
         self._health[index].cool_until = time.monotonic() + policy.cooldown_s
-        too_long_wait = err.retry_after_s is not None and err.retry_after_s > policy.retry_after_cap_s
         if cls in _HAND_OVER or (cls is LlmErrorClass.OVERLOADED and others):
             if not others:
                 raise self._final(call, err)
@@ -386,6 +411,27 @@ async def _closing(events: AsyncIterator[LlmStreamEvent]) -> AsyncIterator[Async
             await close()
 
 
+async def _ended(events: AsyncIterator[LlmStreamEvent]) -> AsyncIterator[LlmStreamEvent]:
+    """A provider's stream as the protocol wants it, whatever the provider does: an `LlmError` it
+    raises is its `StreamError`, and a stream that stops without `Done` or `StreamError` ends
+    with one (a failure, never a short answer), so the loop decides both like any other."""
+    delivered = False
+    async with _closing(events):
+        try:
+            async for event in events:
+                if isinstance(event, TextDelta | ToolUse):
+                    delivered = True
+                yield event
+                if isinstance(event, Done | StreamError):
+                    return
+        except LlmError as err:
+            yield err.stream_error(incomplete=delivered)
+            return
+        yield LlmError(
+            "the stream ended without a finish reason", error_class=LlmErrorClass.TRANSIENT
+        ).stream_error(incomplete=delivered)
+
+
 def _log_wait(call: _Call, attempt: int) -> None:
     if call.last is not None and call.wait_s > 0:
         log.warning("model call: attempt %d failed (%s); next in %.2f s", attempt, call.last, call.wait_s)
@@ -408,6 +454,18 @@ def _of(provider: Any, err: LlmError) -> LlmError:
         error_class=err.error_class,
         provider=name,
         retry_after_s=err.retry_after_s,
+    )
+
+
+def _reclassified(err: LlmError, error_class: LlmErrorClass) -> LlmError:
+    """`err` with another class (its text, provider, status, wait and usage kept)."""
+    return LlmError(
+        str(err).removeprefix(f"{err.provider}: ") if err.provider else str(err),
+        error_class=error_class,
+        provider=err.provider,
+        status=err.status,
+        retry_after_s=err.retry_after_s,
+        usage=err.usage,
     )
 
 
