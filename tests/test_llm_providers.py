@@ -399,6 +399,7 @@ async def test_error_classes(
     err = raised.value
     assert (err.error_class, err.provider, err.retry_after_s) == (error_class, vendor.name, retry_after_s)
     assert err.status == last(server).status
+    assert server.stats.count == 1  # the SDK's own retries are off (max_retries=0)
     assert str(err).startswith(f"{vendor.name}: ")
     stream = await events(provider, ask(script))
     assert len(stream) == 1

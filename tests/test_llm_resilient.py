@@ -413,6 +413,31 @@ async def test_llm_retry_with_a_resilient_provider_is_refused(server: ModelServe
     assert server.stats.count == 0
 
 
+async def test_a_workflow_sees_a_failed_call_as_llm_error_with_its_class_provider_and_status(
+    server: ModelServer,
+) -> None:
+    registry = WorkflowRegistry()
+
+    @registry.workflow("sees")
+    async def sees(ctx: WorkflowContext) -> Any:
+        try:
+            await ctx.tool_step("agent", ToolRegistry([]), REQUEST)
+        except LlmError as err:
+            seen = {"class": err.error_class.value, "provider": err.provider, "status": err.status}
+            return await ctx.finish("done", output={**seen, "text": str(err)})
+        return await ctx.finish("done", output=None)
+
+    llm = ResilientLlmProvider([openai(server, "error:401", "vendor", api_keys=[SENTINEL])], FAST)
+    case = await Engine(memory_stores(), registry, llm=llm).run_workflow("sees")
+    assert case.output is not None, case.error
+    assert {k: case.output[k] for k in ("class", "provider", "status")} == {
+        "class": "credentials",
+        "provider": "vendor",
+        "status": 401,
+    }
+    assert SENTINEL not in case.output["text"] and "[REDACTED]" in case.output["text"]
+
+
 async def test_a_tool_loop_over_ctx_llm_with_a_fallback_chain(server: ModelServer) -> None:
     registry = WorkflowRegistry()
 
