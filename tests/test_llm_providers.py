@@ -294,7 +294,8 @@ async def test_streamed_text(server: ModelServer, make: Maker, vendor: Vendor) -
 
 
 async def test_streamed_tool_calls_are_assembled_from_their_pieces(make: Maker, vendor: Vendor) -> None:
-    stream = await events(make(vendor), ask("tools:3", tools=TOOLS))
+    stream = await events(make(vendor), ask("tools:3,say=let_me_see", tools=TOOLS))
+    assert "".join(texts(stream)) == "let me see"
     uses = [e.call for e in stream if isinstance(e, ToolUse)]
     assert [(c.id, c.name, json.loads(c.arguments)) for c in uses] == [
         (f"{vendor.call_id}1", "add", {"n": 1, "a": "v1"}),
