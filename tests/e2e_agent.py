@@ -4,7 +4,8 @@ Schedulers load the workflow (`TIANSHU_WORKFLOWS=tests.e2e_agent`), tool runners
 (`TIANSHU_TOOLS=tests.e2e_agent`: the module-level `tools` registry). The workflow offers the model
 those tools plus `ghost`, which no runner serves. `e2e_wait_then_agent` runs the same loop after a
 wait for an event on ("order", its case key), between two steps that record their runs in the
-effects log like `tests.e2e_workflows` (tests/test_outage.py, tests/fuzz_bus.py).
+effects log like `tests.e2e_workflows` (tests/test_outage.py). `e2e_wait_then_model` adds a model
+call through the scheduler's own model (the LLM gateway) to it (tests/fuzz_bus.py).
 
 The model is a `ScriptedLlm` whose reply is a function of the request and of the case's input:
 
@@ -182,6 +183,22 @@ async def wait_then_agent(ctx: WorkflowContext) -> WorkflowResult:
     text = await _tool_loop(ctx)
     await ctx.step("after", lambda: effect(ctx, "after"))
     return await ctx.finish("done", output={"event": payload, "answer": text})
+
+
+@registry.workflow("e2e_wait_then_model")
+async def wait_then_model(ctx: WorkflowContext) -> WorkflowResult:
+    """`e2e_wait_then_agent`, with one more model call before the last step: through `ctx.llm` (in
+    the scheduler, the LLM gateway), on the route and with the question of the input's `model`
+    (`{"route": ..., "question": ...}`); the output holds its reply as `model` too."""
+    spec: dict[str, Any] = ctx.case.resource_data or {}
+    await ctx.step("before", lambda: effect(ctx, "before"))
+    payload: Any = await ctx.wait_for_event("order", ctx.case.case_key)
+    text = await _tool_loop(ctx)
+    ask = spec["model"]
+    request = LlmRequest(model=str(ask["route"]), messages=[LlmMessage.user(str(ask["question"]))])
+    reply = await ctx.tool_step("model", ToolRegistry(), request)
+    await ctx.step("after", lambda: effect(ctx, "after"))
+    return await ctx.finish("done", output={"event": payload, "answer": text, "model": reply})
 
 
 # -- reading the model log (for the tests) -----------------------------------------------------

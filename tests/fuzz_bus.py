@@ -7,18 +7,21 @@ delivery, and the good traffic among them loses nothing.
 
 It starts a nats-server of its own (`tests._nats.NatsServer`), a fresh database on the tests' Postgres
 (``--database-url``, else ``TIANSHU_TEST_DATABASE_URL``, Docker or the embedded one: `tests._pg`),
-and a scheduler and a tool runner as processes (the stack of tests/test_tool_service.py, with a
-short delivery budget). Hypothesis generates the bad messages, category by category (`CATEGORIES`:
-each subject these two services consume, the model results included, times a way of being bad; the
-LLM gateway's calls are fuzzed by none here), the examples shared out evenly; the
-run is the same for the same seed. Each is published with a `Nats-Msg-Id` of its own. Among them,
-good cases of `e2e_wait_then_agent` (tests/e2e_agent.py: a wait for an event, then a tool call) are
+and a scheduler, a tool runner and an LLM gateway as processes (the stack of
+tests/test_tool_service.py, and the gateway of tests/test_llm_service.py with one route, `ROUTE`,
+to the scripted model server run here; all with a short delivery budget). Hypothesis generates
+the bad messages, category by category (`CATEGORIES`: each subject these services consume, the
+model results and the gateway's model calls included, times a way of being bad), the examples
+shared out evenly; the run is the same for the same seed. Each is published with a
+`Nats-Msg-Id` of its own. Among them, good cases of `e2e_wait_then_model` (tests/e2e_agent.py: a
+wait for an event, a tool call on the runner, then a model call through the gateway) are
 started, and get their event once they wait.
 
-The verdict: every good case finished, with its output, each step and its tool call run once, and
-no dead letter is about one; every bad message has exactly one dead letter (`DeadLetter.msg_id` is
-its Nats-Msg-Id) whose origin is its subject, with `delivery_count` 1 and a reason its category
-allows. Otherwise the summary says what went wrong, by category, and the exit status is 1.
+The verdict: every good case finished, with its output (the model's answer in it), each step, its
+tool call and its model call run once, and no dead letter is about one; every bad message has
+exactly one dead letter (`DeadLetter.msg_id` is its Nats-Msg-Id) whose origin is its subject,
+with `delivery_count` 1 and a reason its category allows (and, where its category names one, the
+error code). Otherwise the summary says what went wrong, by category, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from pydantic import TypeAdapter, ValidationError
 
+from tests._gateway import GatewayProcess, write_config
 from tests._nats import NatsServer
 from tests._pg import postgres_server
 from tests._services import CaseDb, executions, fresh_database, publish_event, publish_start, retry_budget_env
@@ -57,6 +61,7 @@ from tianshu_contracts import (
     CASE_COMMAND_ADAPTER,
     DEAD_LETTER_ADAPTER,
     EVENT_PAYLOAD_ADAPTER,
+    LLM_CALL_REQUEST_ADAPTER,
     LLM_CALL_RESULT_ADAPTER,
     START_CASE_ADAPTER,
     TOOL_CALL_REQUEST_ADAPTER,
@@ -65,13 +70,24 @@ from tianshu_contracts import (
     DeadLetterReason,
     subjects,
 )
+from tianshu_core.local.model_server import ModelServer
 
 LIMIT = 1024 * 1024
 """The services' size limit for a message (TIANSHU_MAX_EVENT_PAYLOAD_BYTES, left at its default)."""
-GOOD_WORKFLOW = "e2e_wait_then_agent"
+GOOD_WORKFLOW = "e2e_wait_then_model"
+ROUTE = "fuzz"
+"""The gateway's one route: the scripted model server's `text` (it answers "echo: " + the question)."""
 GOOD_EVERY = 8
 """A good case is started after every this many bad messages (and waiting ones get their event)."""
 BUDGET = retry_budget_env(max_deliver=2, initial_s=0.2, max_s=0.5)
+GATEWAY_ENV = {
+    "TIANSHU_LLM_GATEWAY_MAX_DELIVER": "2",
+    "TIANSHU_LLM_GATEWAY_RETRY_INITIAL_S": "0.2",
+    "TIANSHU_LLM_GATEWAY_RETRY_MAX_S": "0.5",
+    # The same size limit as the other services (its default is the server's max_payload, larger).
+    "TIANSHU_LLM_GATEWAY_MAX_REQUEST_BYTES": str(LIMIT),
+    "TIANSHU_FUZZ_MODEL_KEY": "sk-fuzz",
+}
 
 R = DeadLetterReason
 PAST = datetime(2020, 1, 1, tzinfo=UTC)
@@ -105,6 +121,8 @@ class Bad:
     subject: str
     body: bytes
     expected: frozenset[str]
+    code: str | None = None
+    """The error code its dead letter must carry, where the reason alone says too little."""
 
     def preview(self, size: int = 100) -> str:
         body = self.body if len(self.body) <= size else self.body[:size] + b"..."
@@ -307,6 +325,21 @@ def _llm_result(t: Targets) -> st.SearchStrategy[tuple[str, Any]]:
     )
 
 
+def _llm_call_body(t: Targets, key: str, text: str, route: str = ROUTE) -> dict[str, Any]:
+    return {
+        "kind": "llm_call_request",
+        "call_id": f"{t.run}-llm-call-{key}",
+        "case_key": key,
+        "record": "agent/r1/llm",
+        "request": {"kind": "llm_request", "model": route, "messages": [{"role": "user", "content": text}]},
+    }
+
+
+def _llm_call(t: Targets) -> st.SearchStrategy[tuple[str, Any]]:
+    """A model call for a case nobody has, on the gateway's route (its answer goes to no case)."""
+    return st.builds(lambda key, text: (subjects.LLM_CALLS, _llm_call_body(t, key, text)), nobody(t), texts)
+
+
 def _with(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return {**body, **changes}
 
@@ -376,6 +409,26 @@ INBOXES = [
             "duration_s": "float",
         },
         size_limited=False,
+    ),
+    Inbox(
+        "llm-call",
+        LLM_CALL_REQUEST_ADAPTER,
+        _llm_call,
+        lambda body, text: _with(
+            body, request=_with(body["request"], messages=[{"role": "user", "content": text}])
+        ),
+        {
+            "kind": "str",
+            "call_id": "str",
+            "case_key": "str",
+            "record": "str",
+            "attempt": "int",
+            "deadline": "str",
+            "stream": "bool",
+            "session_id": "str",
+            "workflow_code": "str",
+            "request": "object",
+        },
     ),
 ]
 
@@ -474,6 +527,12 @@ def _generic(inbox: Inbox) -> None:
         wrong: dict[str, st.SearchStrategy[Any]] = {
             "str": st.integers() | st.booleans() | st.lists(st.integers(), max_size=2) | st.just({}),
             "float": st.booleans() | st.text("abcxyz", min_size=1) | st.lists(st.integers(), max_size=2),
+            "int": st.text("abcxyz", min_size=1)
+            | st.lists(st.integers(), max_size=2)
+            | st.just({})
+            | st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()),
+            "bool": st.text("abcxyz", min_size=1) | st.lists(st.integers(), max_size=2) | st.integers(2),
+            "object": st.integers() | st.booleans() | st.text("abcxyz") | st.lists(st.integers(), max_size=2),
         }
 
         @st.composite
@@ -492,8 +551,9 @@ def _generic(inbox: Inbox) -> None:
             subject, body = draw(inbox.valid(t))
             key = draw(texts.filter(lambda k: k not in body))
             value = draw(json_values)
-            inner = "result" if "result" in body else "response" if "response" in body else None
-            if inner is not None and draw(st.booleans()):  # one level down: the ToolResult, the LlmResponse
+            inner = next((k for k in ("result", "response", "request") if k in body), None)
+            # One level down: the ToolResult, the LlmResponse, the LlmRequest.
+            if inner is not None and draw(st.booleans()):
                 changed = {**body, inner: {**body[inner], key: value}}
             else:
                 changed = {**body, key: value}
@@ -735,6 +795,140 @@ def _llm_result_nul(t: Targets) -> st.SearchStrategy[Bad]:
     return make()
 
 
+no_such_route = texts.map(lambda r: f"no_such_{r}")
+
+
+@category("llm-call/unknown-route")
+def _llm_call_unknown_route(t: Targets) -> st.SearchStrategy[Bad]:
+    """A call of a route the gateway lacks: answered with a fatal error (to a case nobody has) and
+    dead-lettered `refused`, code `unknown_route`."""
+    return st.builds(
+        lambda key, text, route, stream: Bad(
+            "llm-call/unknown-route",
+            subjects.LLM_CALLS,
+            dumps({**_llm_call_body(t, key, text, route), "stream": stream}),
+            frozenset({R.REFUSED.value}),
+            "unknown_route",
+        ),
+        nobody(t),
+        texts,
+        no_such_route,
+        st.booleans(),
+    )
+
+
+@category("llm-call/expired")
+def _llm_call_expired(t: Targets) -> st.SearchStrategy[Bad]:
+    """A call whose deadline passed (before 2020), on the gateway's route or on one it lacks (the
+    deadline is judged first): never sent upstream."""
+    return st.builds(
+        lambda key, text, route, ago: _bad(
+            "llm-call/expired",
+            subjects.LLM_CALLS,
+            dumps(
+                {
+                    **_llm_call_body(t, key, text, route),
+                    "deadline": (PAST - timedelta(seconds=ago)).isoformat(),
+                }
+            ),
+            R.EXPIRED,
+        ),
+        nobody(t),
+        texts,
+        st.just(ROUTE) | no_such_route,
+        st.integers(0, 10**8),
+    )
+
+
+@category("llm-call/bad-case-key")
+def _llm_call_bad_case_key(t: Targets) -> st.SearchStrategy[Bad]:
+    """A case key that could not travel in the result's subject."""
+    return st.builds(
+        lambda sb, key: _bad(
+            "llm-call/bad-case-key", sb[0], dumps({**sb[1], "case_key": key}), R.SCHEMA_INVALID
+        ),
+        _llm_call(t),
+        not_plain | st.just(""),
+    )
+
+
+CALL_FIELDS = ["attempt", "call_id", "record", "session_id", "workflow_code", "deadline"]
+REQUEST_FIELDS = ["model", "temperature", "max_tokens", "messages"]
+
+
+@category("llm-call/bad-values")
+def _llm_call_bad_values(t: Targets) -> st.SearchStrategy[Bad]:
+    """Values of the right type out of their range: an attempt under 1, empty or too long names, a
+    deadline without a time zone, a temperature out of 0..2, max_tokens under 1, a conversation
+    that does not hold together (a tool message without its call, a user message with tool calls,
+    a role there is none of)."""
+    long = st.text(PLAIN_ALPHABET, min_size=201, max_size=300)
+    naive = st.datetimes().map(lambda d: d.isoformat())  # no time zone
+    bad_messages = st.sampled_from(
+        [
+            [{"role": "tool", "content": "x"}],
+            [{"role": "user", "content": "x", "tool_call_id": "c1"}],
+            [{"role": "user", "content": "x", "is_error": True}],
+            [
+                {
+                    "role": "user",
+                    "content": "x",
+                    "tool_calls": [{"id": "c1", "name": "echo", "arguments": "{}"}],
+                }
+            ],
+            [{"role": "nobody", "content": "x"}],
+            [{"content": "x"}],
+        ]
+    )
+
+    @st.composite
+    def make(draw: st.DrawFn) -> Bad:
+        subject, body = draw(_llm_call(t))
+        request = body["request"]
+        where = draw(st.sampled_from(CALL_FIELDS + REQUEST_FIELDS))
+        value: Any
+        if where == "attempt":
+            value = draw(st.integers(max_value=0))
+        elif where == "deadline":
+            value = draw(naive)
+        elif where in ("session_id", "workflow_code"):  # optional, but at most 200 characters
+            value = draw(long)
+        elif where == "record":  # 1 to 1000 characters
+            value = draw(st.just("") | st.text(PLAIN_ALPHABET, min_size=1001, max_size=1100))
+        elif where in ("call_id", "model"):  # 1 to 200 characters
+            value = draw(st.just("") | long)
+        elif where == "temperature":
+            value = draw(
+                st.floats(max_value=-0.001, allow_nan=False, allow_infinity=False)
+                | st.floats(min_value=2.001, allow_nan=False, allow_infinity=False)
+            )
+        elif where == "max_tokens":
+            value = draw(st.integers(max_value=0))
+        else:
+            value = draw(bad_messages)
+        if where in REQUEST_FIELDS:
+            body = {**body, "request": {**request, where: value}}
+        else:
+            body = {**body, where: value}
+        return _bad("llm-call/bad-values", subject, dumps(body), R.SCHEMA_INVALID)
+
+    return make().filter(lambda bad: _invalid(LLM_CALL_REQUEST_ADAPTER, bad.body))
+
+
+@category("llm-call/nul")
+def _llm_call_nul(t: Targets) -> st.SearchStrategy[Bad]:
+    """A NUL character in what the call's result carries back to the schedulers, which store it."""
+
+    @st.composite
+    def make(draw: st.DrawFn) -> Bad:
+        subject, body = draw(_llm_call(t))
+        where = draw(st.sampled_from(["call_id", "record"]))
+        body = {**body, where: draw(nul_texts)}
+        return _bad("llm-call/nul", subject, dumps(body, draw(st.booleans())), R.UNSTORABLE)
+
+    return make()
+
+
 def problem(bad: Bad) -> str | None:
     """Why `bad` is not bad the way its expected reasons say (a fault of this generator), or None."""
     inbox = next(i for i in INBOXES if bad.category.startswith(i.name + "/"))
@@ -804,7 +998,8 @@ def generate(targets: Targets, examples: int, seed: int) -> list[Bad]:
 
 
 class GoodCases:
-    """Good cases of `e2e_wait_then_agent`, each given its event once it waits."""
+    """Good cases of `e2e_wait_then_model` (a tool loop of naps on the runner, then a model call
+    through the gateway), each given its event once it waits."""
 
     def __init__(self, nc: Client, db: CaseDb, run: str) -> None:
         self._nc = nc
@@ -814,12 +1009,21 @@ class GoodCases:
         self._sent: set[str] = set()
 
     @staticmethod
-    def output(key: str) -> Any:
-        return {"event": {"good": key}, "answer": f"ok {key}"}
+    def question(key: str) -> str:
+        return f"good {key}"
+
+    @classmethod
+    def output(cls, key: str) -> Any:
+        # The scripted model server's `text` echoes the question.
+        return {"event": {"good": key}, "answer": f"ok {key}", "model": f"echo: {cls.question(key)}"}
 
     async def start(self, key: str | None = None) -> str:
         key = key or f"{self._run}-good{len(self.keys)}"
-        spec = {"rounds": [[nap(0.05, key)]], "answer": f"ok {key}"}
+        spec = {
+            "rounds": [[nap(0.05, key)]],
+            "answer": f"ok {key}",
+            "model": {"route": ROUTE, "question": self.question(key)},
+        }
         await publish_start(self._nc, GOOD_WORKFLOW, key, spec)
         self.keys.append(key)
         return key
@@ -862,6 +1066,7 @@ CONSUMERS = [
     (subjects.STREAM_TOOLS, subjects.CONSUMER_TOOL_CALLS),
     (subjects.STREAM_TOOL_RESULTS, subjects.CONSUMER_TOOL_RESULTS),
     (subjects.STREAM_LLM_RESULTS, subjects.CONSUMER_LLM_RESULTS),
+    (subjects.STREAM_LLM, subjects.CONSUMER_LLM_CALLS),
 ]
 
 
@@ -889,7 +1094,7 @@ VERDICTS = {
     "none": "no dead letter",
     "late": "dead-lettered on a later delivery",
     "many": "more than one dead letter",
-    "reason": "dead-lettered for a reason its category does not allow",
+    "reason": "dead-lettered for a reason (or with an error code) its category does not allow",
     "subject": "its dead letter names another subject",
 }
 
@@ -926,6 +1131,8 @@ class Report:
                 yield bad, "late", detail
             elif letter.reason.value not in bad.expected:
                 yield bad, "reason", f"{detail}; expected {' or '.join(sorted(bad.expected))}"
+            elif bad.code is not None and letter.error.code != bad.code:
+                yield bad, "reason", f"{detail}; expected the code {bad.code}, not {letter.error.code}"
             elif letter.subject != bad.subject:
                 yield bad, "subject", letter.subject
             else:
@@ -1009,19 +1216,53 @@ async def fuzz(examples: int, seed: int, server_url: str, workdir: Path, *, sett
     server = NatsServer(workdir / "nats")
     await asyncio.to_thread(server.start)
     try:
-        async with fresh_database(server_url, "tianshu_fuzz") as db_url:
+        async with fresh_database(server_url, "tianshu_fuzz") as db_url, ModelServer() as upstream:
             stack = Stack(workdir, server.url, db_url)
+            gateway = GatewayProcess(
+                workdir, server.url, providers(workdir / "providers.yaml", upstream), **GATEWAY_ENV
+            )
             try:
-                return await _drive(stack, targets, plan, seed, settle_s)
+                return await _drive(stack, gateway, upstream, targets, plan, seed, settle_s)
             finally:
+                gateway.kill()
                 stack.close()
     finally:
         server.stop()
 
 
-async def _drive(stack: Stack, targets: Targets, plan: list[Bad], seed: int, settle_s: float) -> Report:
-    await asyncio.to_thread(stack.scheduler, **BUDGET)
-    await stack.start_runners(1, None, **BUDGET)
+def providers(path: Path, upstream: ModelServer) -> Path:
+    """The gateway's providers file: the route `ROUTE`, one model at the scripted server (`text`)."""
+    return write_config(
+        path,
+        {
+            "providers": [
+                {
+                    "name": "scripted",
+                    "kind": "openai",
+                    "base_url": upstream.openai_base_url,
+                    "api_key_env": ["TIANSHU_FUZZ_MODEL_KEY"],
+                }
+            ],
+            "models": [{"name": "fuzz-model", "provider": "scripted", "upstream": "text"}],
+            "routes": [{"name": ROUTE, "chain": ["fuzz-model"]}],
+        },
+    )
+
+
+async def _drive(
+    stack: Stack,
+    gateway: GatewayProcess,
+    upstream: ModelServer,
+    targets: Targets,
+    plan: list[Bad],
+    seed: int,
+    settle_s: float,
+) -> Report:
+    await asyncio.gather(
+        asyncio.to_thread(stack.scheduler, **BUDGET),
+        stack.start_runners(1, None, **BUDGET),
+        asyncio.to_thread(gateway.start),
+    )
     nc = await nats.connect(stack.nats_url)
     db = await CaseDb.open(stack.db_url)
     try:
@@ -1030,7 +1271,12 @@ async def _drive(stack: Stack, targets: Targets, plan: list[Bad], seed: int, set
         async with StreamReader(js, subjects.DEAD_LETTERS) as dlq:
             for key in targets.anchors:
                 await good.start(key)
-            await db.wait_all(list(targets.anchors), "waiting", within=30, context=stack.logs)
+            await db.wait_all(
+                list(targets.anchors),
+                "waiting",
+                within=30,
+                context=lambda: f"{stack.logs()}\n--- {gateway.name}\n{gateway.log_tail(20)}",
+            )
             sent = []
             for i, bad in enumerate(plan):
                 msg_id = f"{targets.run}-bad{i:05d}"
@@ -1054,10 +1300,22 @@ async def _drive(stack: Stack, targets: Targets, plan: list[Bad], seed: int, set
             if ran[(k, s)] > 1
         ]
         twice += [f"{k} tool call: {calls[k]} times" for k in good.keys if calls[k] > 1]
+        asked = Counter(_question(r.body) for r in upstream.stats.requests)
+        twice += [
+            f"{k} model call: {asked[good.question(k)]} times"
+            for k in good.keys
+            if asked[good.question(k)] > 1
+        ]
         return Report(seed, sent, letters, lost, good.keys, twice, unsettled)
     finally:
         await db.close()
         await nc.close()
+
+
+def _question(body: dict[str, Any]) -> str | None:
+    """The last user message of a request to the model server, as the scripted `text` echoes it."""
+    users = [m.get("content") for m in body.get("messages", []) if m.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) else None
 
 
 def main(argv: list[str] | None = None) -> int:

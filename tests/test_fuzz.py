@@ -11,7 +11,7 @@ import pytest
 
 from tests import fuzz_bus
 
-EXAMPLES = 60
+EXAMPLES = 70
 """A bit more than one per category."""
 
 

@@ -343,6 +343,20 @@ class TestServing:
         assert results.of(call) == []
         assert asked(upstream, "never") == 0
 
+    async def test_a_call_whose_result_could_not_be_stored_is_dead_lettered_without_asking_upstream(
+        self, js: JetStreamContext, results: LlmResults, dead: LlmDeadLetters, upstream: ModelServer
+    ) -> None:
+        call = new_call("expiring").model_copy(update={"record": "agent/r1\x00/llm"})
+        await send_call(js, call)
+        msg_id = f"{call.call_id}:1"
+        await dead.until(lambda: any(d.msg_id == msg_id for d in dead.all()), within=10, what="a dead letter")
+
+        [letter] = [d for d in dead.all() if d.msg_id == msg_id]
+        assert letter.reason is DeadLetterReason.UNSTORABLE and letter.error.code == "unstorable"
+        assert "record" in letter.error.message and letter.delivery_count == 1
+        assert results.of(call) == []
+        assert asked(upstream, "never") == 0
+
     async def test_undecodable_and_oversized_calls_are_dead_lettered_on_their_first_delivery(
         self, js: JetStreamContext, dead: LlmDeadLetters
     ) -> None:
