@@ -764,7 +764,7 @@ def _result_nul(t: Targets) -> st.SearchStrategy[Bad]:
         key = draw(st.sampled_from(t.anchors))
         body = _result_body(t, key, draw(texts))
         nul = draw(nul_texts)
-        where = draw(st.sampled_from(["content", "step", "runner", "call_id"]))
+        where = draw(st.sampled_from(["content", "step", "runner"]))
         if where == "content":
             body["result"] = {**body["result"], "content": nul}
         else:
@@ -783,7 +783,7 @@ def _llm_result_nul(t: Targets) -> st.SearchStrategy[Bad]:
         key = draw(st.sampled_from(t.anchors))
         body = _llm_result_body(t, key, draw(texts))
         nul = draw(nul_texts)
-        where = draw(st.sampled_from(["content", "record", "route", "gateway", "call_id"]))
+        where = draw(st.sampled_from(["content", "record", "route", "gateway"]))
         if where == "content":
             body["response"] = {**body["response"], "content": nul}
         else:
@@ -895,7 +895,9 @@ def _llm_call_bad_values(t: Targets) -> st.SearchStrategy[Bad]:
             value = draw(long)
         elif where == "record":  # 1 to 1000 characters
             value = draw(st.just("") | st.text(PLAIN_ALPHABET, min_size=1001, max_size=1100))
-        elif where in ("call_id", "model"):  # 1 to 200 characters
+        elif where == "call_id":  # 1 to 200 plain token characters
+            value = draw(st.just("") | long | not_plain)
+        elif where == "model":  # 1 to 200 characters
             value = draw(st.just("") | long)
         elif where == "temperature":
             value = draw(
@@ -922,8 +924,7 @@ def _llm_call_nul(t: Targets) -> st.SearchStrategy[Bad]:
     @st.composite
     def make(draw: st.DrawFn) -> Bad:
         subject, body = draw(_llm_call(t))
-        where = draw(st.sampled_from(["call_id", "record"]))
-        body = {**body, where: draw(nul_texts)}
+        body = {**body, "record": draw(nul_texts)}  # a call id with a NUL is no plain token: schema_invalid
         return _bad("llm-call/nul", subject, dumps(body, draw(st.booleans())), R.UNSTORABLE)
 
     return make()

@@ -19,6 +19,18 @@ CaseKey = Annotated[
 ]
 """A case key is a plain subject token, so it can stand in `tianshu.v1.cases.<case_key>.…`."""
 
+CallId = Annotated[
+    str,
+    Field(
+        pattern=PLAIN_TOKEN_PATTERN,
+        max_length=MAX_TOKEN_LENGTH,
+        description="A tool or model call's durable id: 1-200 characters of A-Z, a-z, 0-9, '_' or '-' "
+        "(the scheduler's are digests; it travels in subjects and in `Nats-Msg-Id`).",
+    ),
+]
+"""A call id is a plain token: it stands in `tianshu.v1.llm.stream.<case_key>.<call_id>`, and two
+ids never map to one `Nats-Msg-Id`."""
+
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 """A short identifier: a workflow code, a session id."""
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field, TypeAdapter, model_validator
 
-from ._base import CaseKey, Message, WireModel
+from ._base import CallId, CaseKey, Message, WireModel
 from .errors import WireError
 from .llm import LlmAttempt, LlmErrorClass, LlmRequest, LlmResponse, LlmStreamEvent
 
@@ -33,7 +33,7 @@ class LlmCallRequest(Message):
     """
 
     kind: Literal["llm_call_request"] = "llm_call_request"
-    call_id: str = Field(min_length=1, max_length=200)
+    call_id: CallId
     case_key: CaseKey
     record: str = Field(min_length=1, max_length=1000, description="The journal name of the response.")
     attempt: int = Field(default=1, ge=1)
@@ -50,7 +50,7 @@ class LlmCallResult(Message):
     attempt with its usage, failed ones included: together they are what the call cost."""
 
     kind: Literal["llm_call_result"] = "llm_call_result"
-    call_id: str = Field(min_length=1, max_length=200)
+    call_id: CallId
     case_key: CaseKey
     record: str = Field(min_length=1, max_length=1000)
     attempt: int = Field(default=1, ge=1)
@@ -77,7 +77,7 @@ class LlmStreamChunk(Message):
     drops the partial text of the attempt that ended in an incomplete `StreamError`."""
 
     kind: Literal["llm_stream_chunk"] = "llm_stream_chunk"
-    call_id: str = Field(min_length=1, max_length=200)
+    call_id: CallId
     case_key: CaseKey
     attempt: int = Field(default=1, ge=1)
     seq: int = Field(ge=1)

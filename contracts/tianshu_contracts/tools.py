@@ -16,11 +16,8 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field, TypeAdapter
 
-from ._base import CaseKey, Message
+from ._base import CallId, CaseKey, Message
 from .llm import ToolName, ToolResult
-
-CallId = str
-"""A tool call's durable id: unique across cases, the same on every delivery."""
 
 
 class ToolCallRequest(Message):
@@ -33,7 +30,7 @@ class ToolCallRequest(Message):
     """
 
     kind: Literal["tool_call_request"] = "tool_call_request"
-    call_id: CallId = Field(min_length=1, max_length=200)
+    call_id: CallId
     case_key: CaseKey
     step: str = Field(min_length=1, max_length=1000, description="The journal name the result goes under.")
     tool: ToolName
@@ -47,7 +44,7 @@ class ToolCallResult(Message):
     """The result of a `ToolCallRequest`, from the runner that executed it."""
 
     kind: Literal["tool_call_result"] = "tool_call_result"
-    call_id: CallId = Field(min_length=1, max_length=200)
+    call_id: CallId
     case_key: CaseKey
     step: str = Field(min_length=1, max_length=1000)
     result: ToolResult
