@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from nats.aio.client import Client
@@ -28,6 +28,7 @@ from tianshu_contracts.llm import LlmErrorClass, LlmRequest, LlmResponse, LlmStr
 
 from ..context import StoreFailure
 from ..llm import LlmCallPending, LlmError, LlmInvocation, events_of
+from ..transient import is_transient
 from .awaited import AwaitedResults
 from .publish import encode, publish
 
@@ -45,7 +46,9 @@ class NatsLlmClient:
     take; `grace_s`: the time a redelivery to another gateway may take. The deadline of an attempt
     is the sum, from the moment it is sent. `max_attempts`: how often the same call is sent when a
     deadline passes without an answer. `stream`: ask the gateways to publish the reply's events
-    for followers (`TianshuClient.follow`).
+    for followers (`TianshuClient.follow`). `record`: stores a result that reached the fast path
+    (its event and usage row, as the results consumer does, once per call id) before the run
+    goes on with it, so a case never moves on, or ends, before what its call cost is counted.
     """
 
     retries_calls = True
@@ -61,6 +64,7 @@ class NatsLlmClient:
         grace_s: float = 30.0,
         max_attempts: int = 3,
         stream: bool = True,
+        record: Callable[[LlmCallResult], Awaitable[None]] | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -71,6 +75,7 @@ class NatsLlmClient:
         self.grace_s = grace_s
         self.max_attempts = max_attempts
         self.stream_events = stream
+        self.record = record
         self._results = AwaitedResults(nc, subjects.LLM_RESULTS, LLM_CALL_RESULT_ADAPTER, subjects.llm_result)
 
     async def start(self) -> None:
@@ -123,6 +128,13 @@ class NatsLlmClient:
             except TimeoutError:
                 left = (deadline - datetime.now(UTC)).total_seconds()
                 raise LlmCallPending(max(left, 0.0)) from None
+        if self.record is not None:
+            try:
+                await self.record(result)
+            except Exception as exc:
+                if is_transient(exc):  # the run is retried, and reads the result the consumer stores
+                    raise StoreFailure(exc) from exc
+                raise
         return answer(result)
 
     async def stream(

@@ -30,6 +30,7 @@ from tianshu_contracts import (
     subjects,
 )
 from tianshu_contracts.gateway import LlmCallResult
+from tianshu_contracts.llm import LlmErrorClass
 from tianshu_contracts.tools import ToolCallResult
 from tianshu_core import Case, CaseFilter, ExecutionState, Lifecycle, TianshuError, WorkflowRegistry
 from tianshu_core.bus import Delivery, RejectMessage, wire_error
@@ -38,7 +39,7 @@ from tianshu_core.bus.tools import NatsToolExecutor
 from tianshu_core.driver import ServiceDriver
 from tianshu_core.engine import CaseListener
 from tianshu_core.errors import InvalidCursorError, UnstorableValueError
-from tianshu_core.llm import LLM_RESULT_RESOURCE
+from tianshu_core.llm import LLM_RESULT_RESOURCE, LlmError
 from tianshu_core.stores.protocols import UsageRow
 from tianshu_core.tools import TOOL_RESULT_RESOURCE
 
@@ -188,6 +189,23 @@ class SchedulerHandlers:
         usage row, once per call id (the row names the case's session and workflow)."""
         _refuse_misaddressed(result.case_key, delivery.subject, subjects.llm_result)
         self.llm.resolve(result)
+        await self.record_llm_result(result)
+
+    async def answered(self, result: LlmCallResult) -> None:
+        """The fast path's `NatsLlmClient(record=...)`: a run that got its answer on core NATS
+        stores it (and its usage row) before it goes on, as the consumer will (a no-op then).
+        An answer the store refuses fails the run as its journal would have: with the
+        `UnstorableValueError`, else an `LlmError` (`fatal`) saying why."""
+        try:
+            await self.record_llm_result(result)
+        except RejectMessage as refused:
+            if isinstance(refused.__cause__, TianshuError):
+                raise refused.__cause__ from None
+            raise LlmError(refused.error.message, error_class=LlmErrorClass.FATAL) from None
+
+    async def record_llm_result(self, result: LlmCallResult) -> None:
+        """Store a model call's answer as an event on its call id with its usage row, in one
+        transaction; a second time is a no-op."""
         case = await self._existing_case(result.case_key)
         if result.response is not None:
             payload: JsonValue = result.response.model_dump(mode="json")

@@ -141,6 +141,7 @@ class Scheduler:
         await self.llm.start()
         engine.llm = self.llm
         handlers = SchedulerHandlers(driver, self.registry, self.tools, self.llm, self._on_case_changed)
+        self.llm.record = handlers.answered
         workers: list[Worker[Any]] = [
             Worker(
                 nc,
