@@ -9,6 +9,7 @@ the budget).
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 
 import asyncpg
@@ -48,6 +49,8 @@ from .wire import summary
 CaseCommandMsg = CancelCase | PauseCase | ResumeCase
 
 
+_OWNERS_KEPT = 10_000
+
 class SchedulerHandlers:
     """The scheduler's message handlers, over the driver that runs what they start or wake.
 
@@ -67,6 +70,9 @@ class SchedulerHandlers:
         self.registry = registry
         self.tools = tools
         self.llm = llm
+        # The session and workflow of cases whose model answers were stored here (the usage row
+        # names them; they never change): one read per case, not one per call.
+        self._owners: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self.notify = notify
 
     # -- starting and reading cases -----------------------------------------------------------
@@ -206,14 +212,19 @@ class SchedulerHandlers:
     async def record_llm_result(self, result: LlmCallResult) -> None:
         """Store a model call's answer as an event on its call id with its usage row, in one
         transaction; a second time is a no-op."""
-        case = await self._existing_case(result.case_key)
+        owner = self._owners.get(result.case_key)
+        if owner is None:
+            case = await self._existing_case(result.case_key)
+            owner = self._owners[result.case_key] = (case.session_id, case.workflow_code)
+            if len(self._owners) > _OWNERS_KEPT:
+                self._owners.popitem(last=False)
         if result.response is not None:
             payload: JsonValue = result.response.model_dump(mode="json")
         else:
             assert result.error is not None
             code = result.error_class.value if result.error_class else result.error.code
             payload = {"error": result.error.model_copy(update={"code": code}).model_dump(mode="json")}
-        row = UsageRow.from_result(result, session_id=case.session_id, workflow_code=case.workflow_code)
+        row = UsageRow.from_result(result, session_id=owner[0], workflow_code=owner[1])
         await self._publish(
             LLM_RESULT_RESOURCE,
             result.call_id,
