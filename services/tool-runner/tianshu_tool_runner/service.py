@@ -263,6 +263,8 @@ class ToolRunner:
             self._refuse_expired(request)
             if request.tool not in self.registry:
                 await self._answer_unknown(request)
+            if delivery.num_delivered > 1 and await self._answered_already(request):
+                return
             result = await self._answer(request)
             self._unpublished[request.call_id] = result
         if result.result.is_error:
@@ -270,6 +272,23 @@ class ToolRunner:
         await self._publish(result)
         self._unpublished.pop(request.call_id, None)
         self.calls_answered += 1
+
+    async def _answered_already(self, request: ToolCallRequest) -> bool:
+        """Whether a runner that took this call before published its result and died before the
+        ack (found by `make chaos`): then it is the last result on the case's subject, and the
+        call is not run again. (A result of a call run beside it may have come after; then the
+        call runs again, as before, and its repeated result is dropped as a duplicate.)"""
+        assert self._js is not None
+        try:
+            last = await self._js.get_last_msg(
+                subjects.STREAM_TOOL_RESULTS, subjects.tool_result(request.case_key)
+            )
+        except Exception:  # none yet, or NATS is slow: run it (a repeated result is a duplicate)
+            return False
+        if (last.headers or {}).get(subjects.HEADER_MSG_ID) != request.call_id:
+            return False
+        log.info("call %s was answered already (a repeated delivery); not running it again", request.call_id)
+        return True
 
     async def _exhausted(self, request: ToolCallRequest, delivery: Delivery) -> None:
         """A call delivered more often than the budget (its runners died or stalled every time):
