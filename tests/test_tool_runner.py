@@ -37,10 +37,13 @@ from tests._tool_runner import (
     reset_streams,
     send_call,
 )
-from tianshu_contracts import ToolCallRequest, subjects
+from tianshu_contracts import ToolCallRequest, ToolCallResult, subjects
+from tianshu_contracts.llm import ToolResult
+from tianshu_core.bus import ensure_consumer, ensure_streams, pull_subscription
 from tianshu_core.tools import nul_message
 from tianshu_tool_runner.loader import ToolLoadError, load_tools
 from tianshu_tool_runner.settings import ToolRunnerSettings
+from tianshu_tool_runner.streams import calls_consumer, runner_streams
 
 pytestmark = [pytest.mark.nats, pytest.mark.e2e]
 
@@ -305,6 +308,42 @@ async def test_a_call_whose_runner_is_killed_completes_on_another(
     finally:
         for runner in runners:
             runner.kill()
+
+
+@pytest.mark.usefixtures("clean")
+async def test_a_call_whose_result_a_dead_runner_published_is_not_run_again(
+    js: JetStreamContext, nats_url: str, tmp_path: Path
+) -> None:
+    """A runner that dies after publishing a call's result and before its ack (this test plays
+    it: it takes the call and publishes the result, and never acks) leaves the call to be
+    delivered again; the next runner finds the result there and does not run the tool again
+    (found by the short chaos run)."""
+    await ensure_streams(js, runner_streams())
+    spec = calls_consumer(ack_wait_s=1.0, max_ack_pending=ToolRunnerSettings().tool_runner_max_ack_pending)
+    await ensure_consumer(js, spec)
+    dead = await pull_subscription(js, spec)
+    call = new_call("sleep", {"seconds": 0.1, "tag": "answered"})
+    await send_call(js, call)
+    [taken] = await dead.fetch(1, timeout=5)
+    assert json.loads(taken.data)["call_id"] == call.call_id
+    done = ToolCallResult(
+        call_id=call.call_id,
+        case_key=call.case_key,
+        step=call.step,
+        result=ToolResult(call_id=call.tool_call_id, content="slept 0.1 s"),
+        runner="dead-runner",
+        duration_s=0.1,
+    )
+    await js.publish(
+        subjects.tool_result(call.case_key),
+        done.model_dump_json().encode(),
+        headers={subjects.HEADER_MSG_ID: call.call_id},
+    )
+    with ToolRunnerProcess(tmp_path, nats_url, TIANSHU_TOOL_RUNNER_ACK_WAIT_S="1") as runner:
+        await settled(js, within=15)  # delivered again after the ack wait, and acknowledged
+        info = await js.consumer_info(*CONSUMER)
+        assert info.delivered.consumer_seq == 2, info
+        assert sleeps(executions(runner.tool_log), "answered") == []
 
 
 @pytest.mark.usefixtures("clean")
