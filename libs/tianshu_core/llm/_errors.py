@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tianshu_contracts import WireError
 from tianshu_contracts.llm import LlmAttempt, LlmErrorClass, StreamError, Usage
@@ -47,12 +48,28 @@ class LlmError(TianshuError):
     ) -> None:
         where = f"{provider}: " if provider else ""
         super().__init__(f"{where}{message}")
+        self.message = message
+        """The text without the provider's name in front."""
         self.error_class = LlmErrorClass(error_class)
         self.provider = provider
         self.status = status
         self.retry_after_s = retry_after_s
         self.usage = usage or Usage()
         self.attempts = list(attempts)
+
+    def but(self, **changes: Any) -> LlmError:
+        """A copy with `changes` (any of `__init__`'s arguments): another class, provider, message..."""
+        fields: dict[str, Any] = {
+            "message": self.message,
+            "error_class": self.error_class,
+            "provider": self.provider,
+            "status": self.status,
+            "retry_after_s": self.retry_after_s,
+            "usage": self.usage,
+            "attempts": self.attempts,
+        }
+        fields.update(changes)
+        return LlmError(fields.pop("message"), **fields)
 
     def wire(self) -> WireError:
         """The error as it crosses the wire: its class is the code."""

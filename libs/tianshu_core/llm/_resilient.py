@@ -321,7 +321,7 @@ class ResilientLlmProvider:
         if too_long_wait and err.error_class in _WAIT_AGAIN:
             # Asked to wait longer than the cap: overloaded, whatever the status said (a 500 or a
             # 502 with a long Retry-After hands over like a 503).
-            err = _reclassified(err, LlmErrorClass.OVERLOADED)
+            err = err.but(error_class=LlmErrorClass.OVERLOADED)
         self._record(call, index, err.error_class, err.status, err.usage + (usage or Usage()), duration_s)
         call.last = err
         cls = err.error_class
@@ -387,18 +387,8 @@ class ResilientLlmProvider:
     def _final(self, call: _Call, err: LlmError) -> LlmError:
         """The error the caller gets: the last one, with every attempt and their usage."""
         tried = len(call.attempts)
-        text = str(err).removeprefix(f"{err.provider}: ") if err.provider else str(err)
-        if tried > 1:
-            text = f"{text} (after {tried} attempts)"
-        return LlmError(
-            text,
-            error_class=err.error_class,
-            provider=err.provider,
-            status=err.status,
-            retry_after_s=err.retry_after_s,
-            usage=call.usage,
-            attempts=call.attempts,
-        )
+        text = f"{err.message} (after {tried} attempts)" if tried > 1 else err.message
+        return err.but(message=text, usage=call.usage, attempts=call.attempts)
 
 
 @contextlib.asynccontextmanager
@@ -448,25 +438,7 @@ def _fits(provider: Any, need: int) -> bool:
 
 def _of(provider: Any, err: LlmError) -> LlmError:
     """A stream's error, named after the provider that streamed it."""
-    name = _name(provider)
-    return LlmError(
-        str(err).removeprefix(f"{name}: "),
-        error_class=err.error_class,
-        provider=name,
-        retry_after_s=err.retry_after_s,
-    )
-
-
-def _reclassified(err: LlmError, error_class: LlmErrorClass) -> LlmError:
-    """`err` with another class (its text, provider, status, wait and usage kept)."""
-    return LlmError(
-        str(err).removeprefix(f"{err.provider}: ") if err.provider else str(err),
-        error_class=error_class,
-        provider=err.provider,
-        status=err.status,
-        retry_after_s=err.retry_after_s,
-        usage=err.usage,
-    )
+    return err.but(provider=_name(provider))
 
 
 def _unavailable(text: str) -> LlmError:

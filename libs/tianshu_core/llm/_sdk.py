@@ -207,15 +207,7 @@ class SdkProvider(ABC, Generic[Client]):
             err = self._classify(exc)
         else:
             err = LlmError(repr(exc), error_class=LlmErrorClass.FATAL)
-        text = str(err).removeprefix(f"{err.provider}: ") if err.provider else str(err)
-        return LlmError(
-            redact(text, self._keys),
-            error_class=err.error_class,
-            provider=self.name,
-            status=err.status,
-            retry_after_s=err.retry_after_s,
-            usage=err.usage,
-        )
+        return err.but(message=redact(err.message, self._keys), provider=self.name)
 
     async def complete(self, request: LlmRequest, *, invocation: LlmInvocation | None = None) -> LlmResponse:
         """The model's reply; an `LlmError` (classified, redacted) when the call fails."""
@@ -308,7 +300,7 @@ class SdkProvider(ABC, Generic[Client]):
         n = len(self._keys)
         what = "its API key was refused" if n == 1 else f"all {n} of its API keys were refused"
         return LlmError(
-            f"{what} ({last.status or 'no status'}): {str(last).removeprefix(f'{self.name}: ')}",
+            f"{what} ({last.status or 'no status'}): {last.message}",
             error_class=LlmErrorClass.CREDENTIALS,
             provider=self.name,
             status=last.status,
