@@ -12,7 +12,7 @@ from .connect import connect, redact, tls_context
 from .deadletter import DeadLetterSink
 from .delivery import Delivery
 from .errors import NatsStartupError, RejectMessage, StreamConfigError, wire_error
-from .publish import encode, publish, publish_core, request
+from .publish import encode, publish, publish_core, published_last, request
 from .responder import Responder
 from .settings import NatsSettings
 from .shutdown import GracefulShutdown, Stoppable
@@ -60,6 +60,7 @@ __all__ = [
     "inject",
     "publish",
     "publish_core",
+    "published_last",
     "pull_subscription",
     "redact",
     "request",

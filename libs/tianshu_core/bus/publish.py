@@ -67,6 +67,18 @@ async def publish(
         return ack
 
 
+async def published_last(js: JetStreamContext, stream: str, subject: str, msg_id: str) -> bool:
+    """Whether the last message `stream` holds on `subject` is the one published as `msg_id`: how
+    a service taking a call again tells that the one that died with it had already answered it
+    (its result is the last on the case's subject). False when it cannot tell (no message yet,
+    NATS slow): the caller does the work again, and its repeated result is a duplicate."""
+    try:
+        last = await js.get_last_msg(stream, subject)
+    except Exception:
+        return False
+    return (last.headers or {}).get(HEADER_MSG_ID) == msg_id
+
+
 async def publish_core(
     nc: Client,
     subject: str,

@@ -76,6 +76,7 @@ from tianshu_core.bus import (
     ensure_streams,
     publish,
     publish_core,
+    published_last,
     pull_subscription,
     wire_error,
 )
@@ -281,12 +282,9 @@ class LlmGateway:
         """Whether a gateway that took this call before published its result (and died before the
         ack): then it is the last result of the case's subject, and the call is not sent again."""
         assert self._js is not None
-        try:
-            subject = subjects.llm_result(request.case_key)
-            last = await self._js.get_last_msg(subjects.STREAM_LLM_RESULTS, subject)
-        except Exception:  # none yet, or NATS is slow: ask upstream (a repeated result is a duplicate)
-            return False
-        if (last.headers or {}).get(subjects.HEADER_MSG_ID) != _msg_id(request.call_id, request.attempt):
+        subject = subjects.llm_result(request.case_key)
+        msg_id = _msg_id(request.call_id, request.attempt)
+        if not await published_last(self._js, subjects.STREAM_LLM_RESULTS, subject, msg_id):
             return False
         log.info("call %s was answered already (a repeated delivery)", request.call_id)
         return True

@@ -60,6 +60,7 @@ from tianshu_core.bus import (
     ensure_consumer,
     ensure_streams,
     publish,
+    published_last,
     pull_subscription,
     wire_error,
 )
@@ -279,13 +280,8 @@ class ToolRunner:
         call is not run again. (A result of a call run beside it may have come after; then the
         call runs again, as before, and its repeated result is dropped as a duplicate.)"""
         assert self._js is not None
-        try:
-            last = await self._js.get_last_msg(
-                subjects.STREAM_TOOL_RESULTS, subjects.tool_result(request.case_key)
-            )
-        except Exception:  # none yet, or NATS is slow: run it (a repeated result is a duplicate)
-            return False
-        if (last.headers or {}).get(subjects.HEADER_MSG_ID) != request.call_id:
+        subject = subjects.tool_result(request.case_key)
+        if not await published_last(self._js, subjects.STREAM_TOOL_RESULTS, subject, request.call_id):
             return False
         log.info("call %s was answered already (a repeated delivery); not running it again", request.call_id)
         return True
