@@ -51,6 +51,7 @@ CaseCommandMsg = CancelCase | PauseCase | ResumeCase
 
 _OWNERS_KEPT = 10_000
 
+
 class SchedulerHandlers:
     """The scheduler's message handlers, over the driver that runs what they start or wake.
 
