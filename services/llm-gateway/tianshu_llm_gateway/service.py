@@ -8,8 +8,9 @@ for whichever gateway frees a slot first. While a call is upstream it is reporte
 (heartbeats), so a slow model does not make the server deliver it again.
 
 One call: a call that is not valid, not strict JSON or too large is dead-lettered on its first
-delivery by the worker. A call whose `call_id` or `record` holds a NUL character (its result could
-not be stored) is dead-lettered `unstorable` without being sent upstream. A call past its
+delivery by the worker (a `call_id` that is not a plain token among them). A call whose `record`
+holds a NUL character (its result could not be stored) is dead-lettered `unstorable` without
+being sent upstream. A call past its
 `deadline` (nobody waits for it any more) is dead-lettered `expired` without being sent
 upstream. A call of a route this gateway does not have is answered
 at once with a `fatal` error result (the workflow sees `LlmError`) and dead-lettered
@@ -580,17 +581,17 @@ _STREAM_AGAIN = frozenset({LlmErrorClass.TRANSIENT, LlmErrorClass.OVERLOADED})
 
 
 def _refuse_unstorable(request: LlmCallRequest) -> None:
-    """A call whose result could not be recorded: its `call_id` or `record` (which the result
-    carries back, and a scheduler stores) holds a NUL character, which Postgres refuses. No
-    scheduler sends one; it is dead-lettered `unstorable` without being sent upstream."""
-    for name, value in (("call_id", request.call_id), ("record", request.record)):
-        if "\x00" in value:
-            raise RejectMessage.because(
-                DeadLetterReason.UNSTORABLE,
-                f"the model call was not sent upstream: its {name} holds a NUL character (\\u0000), "
-                "so no scheduler could record its result",
-                case_key=request.case_key,
-            )
+    """A call whose result could not be recorded: its `record` (which the result carries back,
+    and a scheduler stores) holds a NUL character, which Postgres refuses. No scheduler sends
+    one; it is dead-lettered `unstorable` without being sent upstream. (A `call_id` is a plain
+    token: the schema refuses a NUL there.)"""
+    if "\x00" in request.record:
+        raise RejectMessage.because(
+            DeadLetterReason.UNSTORABLE,
+            "the model call was not sent upstream: its record holds a NUL character (\\u0000), "
+            "so no scheduler could record its result",
+            case_key=request.case_key,
+        )
 
 
 def _quiet_sdk_logs() -> None:
