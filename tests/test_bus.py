@@ -841,7 +841,7 @@ def test_public_exports_are_pinned() -> None:
         *("RejectMessage", "by_subject"),
         *("Responder", "Stoppable", "StreamConfigError", "StreamSpec", "TianshuStreams", "connect"),
         *("encode", "ensure_consumer", "ensure_consumers", "ensure_stream", "ensure_streams", "extract"),
-        *("inject", "publish", "publish_core", "pull_subscription", "redact", "request"),
+        *("inject", "publish", "publish_core", "published_last", "pull_subscription", "redact", "request"),
         *("scheduler_consumers", "tls_context", "wire_error"),
     }
 
