@@ -434,6 +434,7 @@ async def test_a_timeout_is_transient(make: Maker, vendor: Vendor) -> None:
     with pytest.raises(LlmError) as raised:
         await provider.complete(ask("text,delay=2"))
     assert raised.value.error_class is LlmErrorClass.TRANSIENT
+    assert "timed out" in str(raised.value)
     stream = await events(provider, ask("text,delay=2"))
     assert ending(stream).error_class is LlmErrorClass.TRANSIENT
 

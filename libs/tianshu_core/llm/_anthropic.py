@@ -25,7 +25,7 @@ from tianshu_contracts.llm import (
 )
 
 from ._errors import LlmError
-from ._sdk import SdkOptions, SdkProvider, retry_after, status_class
+from ._sdk import SdkOptions, SdkProvider, retry_after, status_class, transport_error
 
 DEFAULT_MAX_TOKENS = 4096
 """The `max_tokens` asked for when the request sets none (Anthropic requires one)."""
@@ -69,7 +69,11 @@ class AnthropicProvider(SdkProvider[anthropic.AsyncAnthropic]):
 
     def _client(self, api_key: str) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(
-            api_key=api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s
+            api_key=api_key,
+            base_url=self.base_url,
+            max_retries=0,
+            timeout=self.timeout_s,
+            http_client=anthropic.DefaultAioHttpClient(),
         )
 
     async def _complete(
@@ -111,11 +115,10 @@ class AnthropicProvider(SdkProvider[anthropic.AsyncAnthropic]):
         raise LlmError("the stream ended without a finish reason", error_class=LlmErrorClass.TRANSIENT)
 
     def _classify(self, exc: Exception) -> LlmError:
-        if isinstance(exc, anthropic.APITimeoutError):
-            return LlmError("timed out", error_class=LlmErrorClass.TRANSIENT)
-        # The SDK does not wrap a connection lost in the middle of a stream: httpx2's error comes.
+        # APITimeoutError among them. The SDK does not wrap a connection lost in the middle of a
+        # stream: httpx2's error comes.
         if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
-            return LlmError(f"connection failed: {exc}", error_class=LlmErrorClass.TRANSIENT)
+            return transport_error(exc)
         if not isinstance(exc, anthropic.APIError):
             return LlmError(f"{type(exc).__name__}: {exc}", error_class=LlmErrorClass.FATAL)
         if not isinstance(exc, anthropic.APIStatusError):  # a reply the SDK could not read

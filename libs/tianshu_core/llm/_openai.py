@@ -24,8 +24,9 @@ from tianshu_contracts.llm import (
 )
 
 from ._errors import LlmError
-from ._sdk import SdkOptions, SdkProvider, retry_after, status_class
+from ._sdk import SdkOptions, SdkProvider, retry_after, status_class, transport_error
 
+_PATH = "/chat/completions"
 # OpenAI's words for why a reply stopped, as every provider reports them here.
 _FINISH = {"stop": "stop", "tool_calls": "tool_calls", "function_call": "tool_calls", "length": "length"}
 
@@ -38,6 +39,12 @@ class OpenAiProvider(SdkProvider[openai.AsyncOpenAI]):
     Streams assemble several tool calls by index from arguments split across chunks, always ask
     for usage, and treat an error inside a 200 stream, or a stream that ends without a finish
     reason, as a failure, never as a short answer.
+
+    The request body is built here already in the API's wire shape, so it goes out through the
+    SDK's own request path (`client.post`: its authentication, headers, timeouts, error classes
+    and SSE reader) without the typed `chat.completions.create` layer, whose per-call walk of the
+    parameters' type hints and model building of the reply cost more than the HTTP exchange on
+    a local model; and over the SDK's aiohttp transport (`DefaultAioHttpClient`).
 
         OpenAiProvider(api_keys=[os.environ["OPENAI_API_KEY"]])
         OpenAiProvider(name="ollama", base_url="http://localhost:11434/v1", api_keys=["ollama"])
@@ -52,57 +59,69 @@ class OpenAiProvider(SdkProvider[openai.AsyncOpenAI]):
 
     def _client(self, api_key: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
-            api_key=api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s
+            api_key=api_key,
+            base_url=self.base_url,
+            max_retries=0,
+            timeout=self.timeout_s,
+            http_client=openai.DefaultAioHttpClient(),
         )
 
     async def _complete(self, client: openai.AsyncOpenAI, request: LlmRequest, model: str) -> LlmResponse:
-        reply = await client.chat.completions.create(**_body(request, model))
-        if not reply.choices:
+        reply = await client.post(_PATH, body=_body(request, model), cast_to=object)
+        choices = _field(reply, "choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise LlmError("the reply holds no choice", error_class=LlmErrorClass.TRANSIENT)
-        choice = reply.choices[0]
-        calls = [
-            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
-            for c in choice.message.tool_calls or []
-            if c.type == "function"
-        ]
+        choice = choices[0]
+        message = _field(choice, "message")
         return LlmResponse(
-            content=choice.message.content or "",
-            tool_calls=calls,
-            usage=_usage(reply.usage),
-            finish_reason=_finish(choice.finish_reason),
+            content=_field(message, "content") or "",
+            tool_calls=_tool_calls(_field(message, "tool_calls")),
+            usage=_usage(_field(reply, "usage")),
+            finish_reason=_finish(_field(choice, "finish_reason")),
         )
 
     async def _stream(
         self, client: openai.AsyncOpenAI, request: LlmRequest, model: str
     ) -> AsyncIterator[LlmStreamEvent]:
         body = {**_body(request, model), "stream": True, "stream_options": {"include_usage": True}}
-        chunks = await client.chat.completions.create(**body)
+        chunks = await client.post(
+            _PATH, body=body, cast_to=object, stream=True, stream_cls=openai.AsyncStream[object]
+        )
         calls: dict[int, _PartialCall] = {}
         finish: str | None = None
         usage: Usage | None = None
         async with chunks:
             async for chunk in chunks:
-                if chunk.choices is None:
+                if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
+                    raise LlmError(
+                        f"a malformed chunk: {str(chunk)[:200]}", error_class=LlmErrorClass.TRANSIENT
+                    )
+                if "choices" not in chunk and "usage" not in chunk:
                     # Not a chunk: an `event: error` whose data is the error object itself (the
                     # SDK raises only for `{"error": ...}`).
-                    text = _body_text(chunk.model_extra or {}) or "an error event with no message"
+                    text = _body_text(chunk) or "an error event with no message"
                     raise LlmError(
                         f"error in the stream: {text}", error_class=status_class(None, text.lower())
                     )
-                if chunk.usage is not None:
-                    usage = _usage(chunk.usage)
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    if delta.content:
-                        yield TextDelta(text=delta.content)
-                    for piece in delta.tool_calls or []:
-                        partial = calls.setdefault(piece.index, _PartialCall())
-                        partial.id = partial.id or piece.id or ""
-                        if piece.function is not None:
-                            partial.name = partial.name or piece.function.name or ""
-                            partial.arguments.append(piece.function.arguments or "")
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
+                if chunk.get("usage") is not None:
+                    usage = _usage(chunk["usage"])
+                for choice in chunk.get("choices") or []:
+                    delta = _field(choice, "delta")
+                    content = _field(delta, "content")
+                    if content:
+                        yield TextDelta(text=content)
+                    for piece in _field(delta, "tool_calls") or []:
+                        if not isinstance(piece, dict):
+                            continue
+                        partial = calls.setdefault(piece.get("index") or 0, _PartialCall())
+                        partial.id = partial.id or piece.get("id") or ""
+                        function = piece.get("function")
+                        if isinstance(function, dict):
+                            partial.name = partial.name or function.get("name") or ""
+                            partial.arguments.append(function.get("arguments") or "")
+                    reason = _field(choice, "finish_reason")
+                    if reason:
+                        finish = reason
         if finish is None:
             raise LlmError("the stream ended without a finish reason", error_class=LlmErrorClass.TRANSIENT)
         for index in sorted(calls):
@@ -111,10 +130,8 @@ class OpenAiProvider(SdkProvider[openai.AsyncOpenAI]):
         yield Done(finish_reason=_finish(finish))
 
     def _classify(self, exc: Exception) -> LlmError:
-        if isinstance(exc, openai.APITimeoutError):
-            return LlmError("timed out", error_class=LlmErrorClass.TRANSIENT)
-        if isinstance(exc, openai.APIConnectionError):
-            return LlmError(f"connection failed: {exc}", error_class=LlmErrorClass.TRANSIENT)
+        if isinstance(exc, openai.APIConnectionError):  # APITimeoutError among them
+            return transport_error(exc)
         if isinstance(exc, openai.APIStatusError):
             text = _body_text(exc.body) or exc.message
             return LlmError(
@@ -181,16 +198,39 @@ def _message(message: LlmMessage) -> dict[str, Any]:
     return {"role": message.role, "content": message.content}
 
 
-def _usage(usage: Any) -> Usage:
-    if usage is None:
-        return Usage()
-    details = getattr(usage, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", None) or 0
+def _tool_calls(calls: object) -> list[ToolCall]:
+    """A reply's function calls (other kinds of tool call are not asked for)."""
+    out: list[ToolCall] = []
+    for i, call in enumerate(calls if isinstance(calls, list) else []):
+        function = _field(call, "function")
+        if _field(call, "type") not in (None, "function") or not isinstance(function, dict):
+            continue
+        out.append(
+            ToolCall(
+                id=_field(call, "id") or f"call_{i}",
+                name=function.get("name") or "",
+                arguments=function.get("arguments") or "{}",
+            )
+        )
+    return out
+
+
+def _field(value: object, name: str) -> Any:
+    """`value[name]` when `value` is a JSON object, else None (a reply's parts may be missing)."""
+    return value.get(name) if isinstance(value, dict) else None
+
+
+def _tokens(value: object, name: str) -> int:
+    count = _field(value, name)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+def _usage(usage: object) -> Usage:
     return Usage(
-        prompt_tokens=usage.prompt_tokens or 0,
-        completion_tokens=usage.completion_tokens or 0,
-        total_tokens=usage.total_tokens or 0,
-        cache_read_tokens=cached,
+        prompt_tokens=_tokens(usage, "prompt_tokens"),
+        completion_tokens=_tokens(usage, "completion_tokens"),
+        total_tokens=_tokens(usage, "total_tokens"),
+        cache_read_tokens=_tokens(_field(usage, "prompt_tokens_details"), "cached_tokens"),
     )
 
 

@@ -99,6 +99,22 @@ def retry_after(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
+def transport_error(exc: BaseException) -> LlmError:
+    """A request that got no whole reply, `transient`: "timed out", or "connection failed" named
+    after its innermost cause (the SDKs' aiohttp transport reports a connection the server
+    dropped as a timeout; its cause says what happened)."""
+    root = exc
+    for _ in range(10):
+        cause = root.__cause__ or root.__context__
+        if cause is None or cause is root:
+            break
+        root = cause
+    if isinstance(root, TimeoutError | httpx2.TimeoutException):
+        return LlmError("timed out", error_class=LlmErrorClass.TRANSIENT)
+    detail = f"{type(root).__name__}: {root}" if root is not exc else str(exc)
+    return LlmError(f"connection failed: {detail}", error_class=LlmErrorClass.TRANSIENT)
+
+
 class SdkOptions(TypedDict, total=False):
     """What an `SdkProvider` takes besides its name and keys (their meaning is told there)."""
 
@@ -200,9 +216,7 @@ class SdkProvider(ABC, Generic[Client]):
             err = exc
         elif isinstance(exc, httpx2.TransportError):
             # A connection lost mid-stream: some SDK versions do not wrap it in their own error.
-            err = LlmError(
-                f"connection failed: {type(exc).__name__}: {exc}", error_class=LlmErrorClass.TRANSIENT
-            )
+            err = transport_error(exc)
         elif isinstance(exc, Exception):
             err = self._classify(exc)
         else:
