@@ -90,6 +90,27 @@ async def test_a_429_is_retried_after_the_wait_its_retry_after_asked_for(
     assert any("next in 1.00 s" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_stream_is_retried_as_a_call_is_and_its_log_counts_attempts_alike(
+    server: ModelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "tianshu_core.llm")
+    policy = ResiliencePolicy(backoff_initial_s=0.01, jitter_s=0, max_attempts=3)
+    script = "error:500+error:502+text,say=third_time"
+    events = [e async for e in ResilientLlmProvider([openai(server, script, "s")], policy).stream(REQUEST)]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "third time"
+    assert isinstance(events[-1], Done)
+    script = "error:500+error:502+text,say=once_more"
+    reply = await ResilientLlmProvider([openai(server, script, "c")], policy).complete(REQUEST)
+    assert trail(reply) == [("c", "transient"), ("c", "transient"), ("c", None)]
+    waits = [r.getMessage().split(" (")[0] for r in caplog.records if "next in" in r.getMessage()]
+    # The stream's first attempt is outside the retry controller, as the call's is: both count alike.
+    assert waits == ["model call: attempt 1 failed", "model call: attempt 2 failed"] * 2
+    # Three attempts at most: a fourth failure is the stream's end, not a fourth request.
+    script = "error:500+error:500+error:500+text"
+    events = [e async for e in ResilientLlmProvider([openai(server, script, "x")], policy).stream(REQUEST)]
+    assert isinstance(events[-1], StreamError) and asked(server, script) == 3
+
+
 async def test_a_retry_after_over_the_cap_hands_over_to_the_fallback(server: ModelServer) -> None:
     primary = openai(server, "error:429,retry_after=120", "primary")
     llm = ResilientLlmProvider([primary, openai(server, "text,say=fallback", "fallback")], FAST)

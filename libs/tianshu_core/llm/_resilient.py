@@ -240,9 +240,20 @@ class ResilientLlmProvider:
     ) -> AsyncIterator[LlmStreamEvent]:
         """The first stream the chain gives; retries and fallback only before its first delta."""
         call = _Call(request)
-        retrying = self._retrying(call)
         try:
-            async for attempt in retrying:
+            # The first attempt outside tenacity, as in `complete`: the hot path pays for no
+            # retry controller it does not use.
+            try:
+                async for event in self._stream_attempt(call, invocation):
+                    yield event
+                return
+            except _Again:
+                if self.policy.max_attempts < 2:
+                    raise
+            if call.wait_s > 0:
+                _log_wait(call, 1)
+                await asyncio.sleep(call.wait_s)
+            async for attempt in self._retrying(call, stop_after=self.policy.max_attempts - 1):
                 with attempt:
                     async for event in self._stream_attempt(call, invocation):
                         yield event
