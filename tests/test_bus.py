@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
+import math
 import os
+import random
 import signal
 import time
 import uuid
@@ -61,6 +64,7 @@ from tianshu_core.bus import (
     Worker,
     WorkerOptions,
 )
+from tianshu_core.bus.strict import out_of_range_number
 from tianshu_core.errors import StoreUnavailableError
 from tianshu_core.transient import is_transient
 
@@ -470,6 +474,77 @@ async def test_a_nul_character_is_refused_as_unstorable_where_asked(nc: Client) 
     assert letter.reason == DeadLetterReason.UNSTORABLE and "NUL" in letter.error.message
     # A backslash followed by "u0000" is ordinary text.
     assert lane.seen[0][0].reason == "a\\u0000b"
+
+
+def _beyond_a_double(data: bytes) -> str | None:
+    """What `out_of_range_number` says, without its pre-check: the body parsed every time."""
+    try:
+        json.loads(data, parse_float=_finite_only)
+    except OverflowError as exc:
+        return str(exc)[:40]
+    except ValueError:
+        return None
+    return None
+
+
+def _finite_only(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise OverflowError(text)
+    return value
+
+
+def test_a_number_beyond_a_double_is_found_whatever_its_shape() -> None:
+    huge = [
+        b"1e400",
+        b"\xef\xbb\xbf 1e400",  # json reads a body behind a UTF-8 BOM
+        b'{"x": 1E+400}',
+        b'{"x" :\n\t-1e0400, "y": 2}',
+        b"[1.5e309]",
+        b'{"x": 1.8e308}',
+        b'{"x": 1' + b"0" * 400 + b".5}",
+        # 250 digits and a two-digit exponent: 1e349 (the earlier `\d{300}` missed it).
+        b'{"x": 1' + b"0" * 249 + b".0e99}",
+        b'{"x": 1' + b"0" * 400 + b"e-50}",
+        b'{"x":[1, 2e300,\r\n-3e400]}',
+        b"[ 1e400x]",  # json reads the number before it finds the body is no JSON
+    ]
+    for data in huge:
+        assert out_of_range_number(data) is not None, data
+        assert out_of_range_number(data) == _beyond_a_double(data), data
+    fine = [
+        b'{"x": 1.7e308, "y": 1e-400, "z": -1E-999}',
+        b'{"id": "3e141f7e0099", "note": "1e400 in a string", "k": "a,1e400"}',
+        b'{"n": 1' + b"0" * 400 + b"}",  # an integer: Python reads it whole
+        b'{"x": 1' + b"0" * 200 + b".5}",
+        b'{"x": 1' + b"0" * 200 + b"e99}",
+    ]
+    for data in fine:
+        assert out_of_range_number(data) is None, data
+    # The look at the body's shape only spares the parse: it answers as the parse alone would.
+    rng = random.Random(20240611)
+
+    def digits(low: int, high: int) -> str:
+        return "".join(rng.choice("0123456789") for _ in range(rng.randint(low, high)))
+
+    for _ in range(2000):
+        whole = rng.choice("123456789") + digits(0, rng.choice((3, 220, 320)))
+        number = rng.choice(("", "-")) + whole
+        if rng.random() < 0.5:
+            number += "." + digits(1, 5)
+        if rng.random() < 0.7:
+            number += rng.choice("eE") + rng.choice(("", "+", "-")) + digits(1, 4)
+        space = rng.choice(("", " ", "\n", " \t\r\n"))
+        for text in (
+            number,
+            f"{space}{number}{space}",
+            f"[{space}{number}]",
+            f'{{"a": "x{number}y",{space}"b"{space}:{space}{number}}}',
+            f"[1,{number}x]",
+            f'"{number}"',
+        ):
+            body = text.encode()
+            assert out_of_range_number(body) == _beyond_a_double(body), body
 
 
 async def test_an_outage_longer_than_the_budget_spends_no_delivery(nc: Client) -> None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from unittest.mock import Mock
 
 import asyncpg
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tianshu_contracts import LLM_CALL_REQUEST_ADAPTER, LlmCallResult, subjects
+from tianshu_contracts import LLM_CALL_REQUEST_ADAPTER, LLM_CALL_RESULT_ADAPTER, LlmCallResult, subjects
 from tianshu_contracts.llm import LlmMessage, LlmRequest, LlmResponse
 from tianshu_core import bus
+from tianshu_core.bus.awaited import AwaitedResults
 from tianshu_core.bus.llm import NatsLlmClient
 from tianshu_core.context import StoreFailure
 from tianshu_core.errors import UnstorableValueError
@@ -102,3 +104,56 @@ async def test_a_store_out_of_reach_ends_the_run_as_an_outage_and_a_refusal_as_i
             await ask(client)
     finally:
         await client.stop()
+
+
+async def test_only_a_result_a_run_here_awaits_is_decoded_and_only_a_valid_one_resolves(nc: Client) -> None:
+    adapter = Mock(wraps=LLM_CALL_RESULT_ADAPTER)
+    results: AwaitedResults[LlmCallResult] = AwaitedResults(
+        nc, subjects.LLM_RESULTS, adapter, subjects.llm_result
+    )
+    case_key = f"peek-{uuid.uuid4().hex[:8]}"
+    subject = subjects.llm_result(case_key)
+
+    def body(call_id: str, **update: object) -> bytes:
+        result = LlmCallResult(
+            call_id=call_id,
+            case_key=case_key,
+            record="agent/r1/llm",
+            route="default",
+            gateway="stand-in",
+            response=LlmResponse(content='say "call_id": "mine"\nplease'),
+        )
+        return result.model_copy(update=update).model_dump_json().encode()
+
+    async def answer(call_id: str, data: bytes) -> LlmCallResult:
+        """Publish `data` as `call_id`'s answer, and wait until it resolves (the subscription
+        handles its messages in order: all published before have been handled then)."""
+        async with results.awaiting(call_id) as future:
+            await nc.publish(subject, data)
+            return await asyncio.wait_for(future, 5)
+
+    await results.start()
+    try:
+        await nc.publish(subject, body("mine"))  # nobody waits here: not even decoded
+        assert (await answer("first", body("first"))).call_id == "first"
+        assert adapter.validate_json.call_count == 1
+        async with results.awaiting("mine") as future:
+            for to, data in [
+                (subject, body("other")),  # another run's call (its text names ours): not decoded
+                (subjects.llm_result("elsewhere"), body("mine")),  # decoded, then refused
+                (subject, body("mine").replace(b'"route":"default"', b'"route":""')),  # the same
+                (subject, body("mine").replace(b'"gateway":"stand-in"', b'"gateway":"a\\u0000b"')),
+                (subject, body("mine").replace(b'"duration_s":0.0', b'"duration_s":NaN')),
+            ]:
+                await nc.publish(to, data)
+            # The key and the id spelt with escapes are read as the parser reads them.
+            await nc.publish(
+                subject, body("mine").replace(b'"call_id":"mine"', b'"call\\u005fid" :\n "\\u006dine"')
+            )
+            assert (await asyncio.wait_for(future, 5)).call_id == "mine"
+        assert adapter.validate_json.call_count == 4
+        assert results.resolve(future.result())  # a run here awaited it: its case exists
+        spaced = body("spaced").replace(b'"call_id":"spaced"', b'"call_id" :\t"spaced"')
+        assert (await answer("spaced", spaced)).call_id == "spaced"
+    finally:
+        await results.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Generic, Protocol, TypeVar
@@ -22,6 +23,11 @@ from pydantic import TypeAdapter, ValidationError
 from .strict import holds_nul, non_strict_constant
 
 _ANSWERED_KEPT = 10_000
+# A result whose call no run here awaits is ignored before it is decoded: a few microseconds, not
+# the tens that decoding and checking it take. A valid result's own "call_id" is a plain token
+# (A-Z, a-z, 0-9, '_', '-') written as it is, unless a `\u` escape spells it or its key.
+_KEY = b'"call_id"'
+_VALUE = re.compile(rb'\s*:\s*"([A-Za-z0-9_-]+)"')
 
 
 class Result(Protocol):
@@ -94,6 +100,8 @@ class AwaitedResults(Generic[R]):
         # Anything the durable consumer would refuse never reaches a run: it dead-letters it, and
         # the case learns of the call's failure by its deadline, never from a bad message.
         data = msg.data
+        if not self._awaited_here(data):
+            return  # `resolve` would find no run waiting for it, and do nothing
         if non_strict_constant(data) is not None or holds_nul(data):
             return
         try:
@@ -103,3 +111,19 @@ class AwaitedResults(Generic[R]):
         except (ValidationError, ValueError):
             return
         self.resolve(result)
+
+    def _awaited_here(self, data: bytes) -> bool:
+        """False when the body cannot be the result of a call awaited here, told before it is
+        decoded: none of its "call_id" keys (its own, and any nested one) names an awaited call,
+        and no `\\u` escape could spell that key or an id otherwise."""
+        waiting = self._waiting
+        if not waiting:
+            return False
+        at = data.find(_KEY)
+        while at >= 0:
+            at += len(_KEY)
+            value = _VALUE.match(data, at)
+            if value is not None and value[1].decode() in waiting:
+                return True
+            at = data.find(_KEY, at)
+        return b"\\u" in data

@@ -329,6 +329,10 @@ class Worker(Generic[T]):
                     break
                 more -= len(msgs)
                 free = opts.concurrency - len(self._held)
+            # Let the handlers just dispatched start (up to their first wait on I/O) before the next
+            # pull is built and sent: it waits for later work, and the message in hand comes first.
+            # (A drain's pull above goes out first: the handlers run while it is answered.)
+            await asyncio.sleep(0)
 
     def _take(self, msgs: list[Msg]) -> None:
         for msg in msgs:

@@ -33,9 +33,10 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -117,7 +118,7 @@ class LlmGateway:
             initial_s=settings.llm_gateway_retry_initial_s, max_s=settings.llm_gateway_retry_max_s
         )
         # Results had but not yet published (NATS away): a retry publishes them, never asks again.
-        self._unpublished: dict[tuple[str, int], LlmCallResult] = {}
+        self._unpublished: dict[tuple[str, int], _Encoded] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -228,19 +229,32 @@ class LlmGateway:
         span.set_attribute("tianshu.llm.call_id", request.call_id)
         span.set_attribute("tianshu.llm.route", request.request.model)
         key = (request.call_id, request.attempt)
-        result = self._unpublished.get(key)
-        if result is None:
-            _refuse_unstorable(request)
-            self._refuse_expired(request)
-            route = self.routes.get(request.request.model)
-            if route is None:
-                await self._answer_unknown(request)
-            if delivery.num_delivered > 1 and await self._answered_already(request):
-                return
-            result = self._fit(await self._answer(request, route))
-            self._unpublished[key] = result
+        kept = self._unpublished.get(key)
+        if kept is not None:
+            await self._publish_kept(key, kept)
+            return
+        _refuse_unstorable(request)
+        self._refuse_expired(request)
+        route = self.routes.get(request.request.model)
+        if route is None:
+            await self._answer_unknown(request)
+        if delivery.num_delivered > 1 and await self._answered_already(request):
+            return
+        chat = await self._answer(request, route)
         try:
-            await self._publish(result)
+            kept = self._fit(chat.result)
+            self._unpublished[key] = kept
+            await self._publish_kept(key, kept)
+        finally:
+            # The result is out (or kept for the next try) before the chat span's attributes, its
+            # end and the call's log line, which the workflow does not wait for; the ack (after
+            # this handler) still waits for all of it.
+            self._close_chat(chat)
+
+    async def _publish_kept(self, key: tuple[str, int], kept: _Encoded) -> None:
+        """Publish a result had from upstream; kept while NATS is away (a retry publishes it)."""
+        try:
+            await self._publish(kept.result, kept.data)
         except Exception as exc:
             if not is_transient(exc):  # the call comes again (or is dead-lettered): forget it here
                 self._unpublished.pop(key, None)
@@ -290,35 +304,46 @@ class LlmGateway:
         log.info("call %s was answered already (a repeated delivery)", request.call_id)
         return True
 
-    async def _answer(self, request: LlmCallRequest, route: Route) -> LlmCallResult:
+    async def _answer(self, request: LlmCallRequest, route: Route) -> _Chat:
         """The call sent upstream along the route, inside a `chat <route>` span; every failure an
-        error result."""
+        error result. The span is left open, its end time taken: `_close_chat` gives it its
+        attributes and ends it once the result is published."""
         invocation = LlmInvocation(request.case_key, request.record, request.call_id, request.attempt)
         started = time.monotonic()
         reply: LlmResponse | LlmError
         first_token_s: float | None = None
         attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": route.name}
-        with (
-            telemetry.tracer.start_as_current_span(f"chat {route.name}", attributes=attributes) as span,
-            attempts() as tried,
-        ):
-            try:
-                if request.stream:
-                    reply, first_token_s = await self._stream(request, route, invocation, started)
-                else:
-                    reply = await route.llm.complete(request.request, invocation=invocation)
-            except LlmError as err:
-                reply = err
-            except Exception as exc:  # a bug: answer with it rather than ask upstream again and again
-                log.exception("call %s: the route %s failed unexpectedly", request.call_id, route.name)
-                reply = LlmError(f"the gateway failed: {type(exc).__name__}", error_class=LlmErrorClass.FATAL)
-            duration_s = time.monotonic() - started
-            result = self._result(
-                request, reply, tried, route=route, duration_s=duration_s, first_token_s=first_token_s
-            )
-            self._annotate(span, request, result)
-        self._log(result)
-        return result
+        span = telemetry.tracer.start_span(f"chat {route.name}", attributes=attributes)
+        try:
+            with trace.use_span(span), attempts() as tried:
+                try:
+                    if request.stream:
+                        reply, first_token_s = await self._stream(request, route, invocation, started)
+                    else:
+                        reply = await route.llm.complete(request.request, invocation=invocation)
+                except LlmError as err:
+                    reply = err
+                except Exception as exc:  # a bug: answer with it rather than ask upstream again and again
+                    log.exception("call %s: the route %s failed unexpectedly", request.call_id, route.name)
+                    reply = LlmError(
+                        f"the gateway failed: {type(exc).__name__}", error_class=LlmErrorClass.FATAL
+                    )
+                duration_s = time.monotonic() - started
+                result = self._result(
+                    request, reply, tried, route=route, duration_s=duration_s, first_token_s=first_token_s
+                )
+        except BaseException:
+            span.end()
+            raise
+        return _Chat(span, time.time_ns(), request, result)
+
+    def _close_chat(self, chat: _Chat) -> None:
+        """The chat span's attributes and its end (at the time the answer was had), then the log line."""
+        try:
+            self._annotate(chat.span, chat.request, chat.result, at=chat.ended_ns)
+        finally:
+            chat.span.end(end_time=chat.ended_ns)
+        self._log(chat.result)
 
     async def _stream(
         self, request: LlmCallRequest, route: Route, invocation: LlmInvocation, started: float
@@ -411,20 +436,26 @@ class LlmGateway:
             **outcome,
         )
 
-    def _fit(self, result: LlmCallResult) -> LlmCallResult:
-        """The result, or an error saying it is too large for NATS (a reply can be long)."""
+    def _fit(self, result: LlmCallResult) -> _Encoded:
+        """The result and its body (encoded once: what is measured is what is published), or an
+        error saying it is too large for NATS (a reply can be long)."""
         assert self.nc is not None
-        size = len(encode(result))
+        data = encode(result)
+        size = len(data)
         if size <= self.nc.max_payload - _HEADROOM:
-            return result
+            return _Encoded(result, data)
         limit = self.nc.max_payload
         message = f"the reply is {size} bytes, over what NATS carries ({limit} bytes, max_payload)"
         error = LlmError(message, error_class=LlmErrorClass.REQUEST_TOO_LARGE)
         update = {"response": None, "error": error.wire(), "error_class": error.error_class}
-        return result.model_copy(update=update)
+        refusal = result.model_copy(update=update)
+        return _Encoded(refusal, encode(refusal))
 
-    def _annotate(self, span: trace.Span, request: LlmCallRequest, result: LlmCallResult) -> None:
-        """The chat span's attributes: who answered, tokens, timings; one event per failed attempt."""
+    def _annotate(
+        self, span: trace.Span, request: LlmCallRequest, result: LlmCallResult, *, at: int | None = None
+    ) -> None:
+        """The chat span's attributes: who answered, tokens, timings; one event per failed attempt
+        (dated `at`, ns since the epoch, when given)."""
         span.set_attribute("tianshu.case_key", request.case_key)
         span.set_attribute("tianshu.llm.call_id", request.call_id)
         span.set_attribute("tianshu.llm.attempts", len(result.attempts))
@@ -437,7 +468,7 @@ class LlmGateway:
                 }
                 if attempt.status is not None:
                     event["http.response.status_code"] = attempt.status
-                span.add_event("attempt", event)
+                span.add_event("attempt", event, timestamp=at)
         if result.first_token_s is not None:
             span.set_attribute("gen_ai.response.time_to_first_chunk", result.first_token_s)
         if result.cost_usd is not None:
@@ -487,18 +518,36 @@ class LlmGateway:
         if self.settings.llm_gateway_record_prompts:
             log.debug("call %s replied: %s", result.call_id, response.message().model_dump_json())
 
-    async def _publish(self, result: LlmCallResult) -> None:
-        """Publish the result; a NATS failure propagates (transient: the worker tries again later)."""
+    async def _publish(self, result: LlmCallResult, data: bytes | None = None) -> None:
+        """Publish the result (`data`: its body, when encoded already); a NATS failure propagates
+        (transient: the worker tries again later)."""
         assert self._js is not None
         ack = await publish(
             self._js,
             subjects.llm_result(result.case_key),
-            result,
+            result if data is None else data,
             msg_id=_msg_id(result.call_id, result.attempt),
             stream=subjects.STREAM_LLM_RESULTS,
         )
         if ack.duplicate:
             log.info("the result of call %s was published already (a repeated delivery)", result.call_id)
+
+
+class _Encoded(NamedTuple):
+    """A result and its body as published."""
+
+    result: LlmCallResult
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Chat:
+    """A call answered by upstream: its `chat` span (open; `ended_ns` is its end) and its result."""
+
+    span: trace.Span
+    ended_ns: int
+    request: LlmCallRequest
+    result: LlmCallResult
 
 
 class _Chunks:
