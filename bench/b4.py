@@ -16,6 +16,14 @@ as the path it is set against. Sequential unless said; each part prints a '# b4:
   Nats-Msg-Id `<call_id>:<attempt>`, its `LlmCallResult` awaited on a core subscription to
   tianshu.v1.llm.results.*) → b4_gateway_overhead_p50_ms and _p99_ms (the gateway's p50 minus the
   direct p50, and the same for p99).
+- the gateway path's floor, for reference: the same pattern as the gateway part (each round the
+  direct call, then the measured path), where the measured path is nats-py alone: an
+  LlmCallRequest-sized body published to JetStream (a file stream, with a Nats-Msg-Id), taken by
+  a pull consumer in another process one message at a time as a gateway's worker does, and
+  published back on core NATS → b4_js_floor_p50_ms; and the same round trip back to back, with no
+  direct call between → b4_js_floor_hot_p50_ms. The difference is what the idle gaps of the
+  alternating pattern cost the processes that sleep through them (nats-server, the consumer),
+  which the bare request/reply, timed back to back, never pays.
 - first token: B4_STREAM_N streamed calls each way, alternating, upstream `text,gap=…` (several
   chunks): the time to the first text delta at a follower subscribed (core NATS, before the call
   is sent) to tianshu.v1.llm.stream.<case_key>.<call_id>, and the direct client's time to its
@@ -35,7 +43,7 @@ B4_CONC_SECONDS (2). Database URL from BENCH_PG_URL.
 Usage: python -m bench.b4     (from the repo root)
 Prints: 'tianshu b4_provider_overhead_p50_ms=… b4_provider_bare_p50_ms=… b4_gateway_overhead_p50_ms=…
 b4_gateway_overhead_p99_ms=… b4_nats_rr_p50_ms=… b4_ttft_overhead_p50_ms=… b4_concurrent_ratio=…
-b4_step_overhead_ratio=…' (one line).
+b4_step_overhead_ratio=… b4_js_floor_p50_ms=… b4_js_floor_hot_p50_ms=…' (one line).
 """
 
 from __future__ import annotations
@@ -50,10 +58,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import nats
+import nats.errors
 import openai
 import yaml
 from nats.aio.client import Client
@@ -63,12 +73,13 @@ from bench.b2 import p99
 from bench.b3 import Process, Services, nats_rr, output, start_case, wait_finished
 from bench.b4_workflows import KEY, MESSAGES, PROMPT, REQUEST, ROUTE
 from bench.loadgen import drive, env_float, env_int, info, p50, pg_url
-from tianshu_contracts import LLM_STREAM_CHUNK_ADAPTER, subjects
+from tianshu_contracts import LLM_STREAM_CHUNK_ADAPTER, LlmCallRequest, subjects
 from tianshu_contracts.llm import LlmMessage, LlmRequest
 from tianshu_core.bus.llm import NatsLlmClient
 from tianshu_core.llm import LlmInvocation, OpenAiProvider
 from tianshu_core.stores.postgres import migrate
 
+FLOOR_STREAM, FLOOR_SUBJECT, FLOOR_BACK = "BENCH_B4_FLOOR", "bench.b4.floor", "bench.b4.floor.back"
 STREAM_ROUTE, STREAM_SCRIPT = "stream", "text,gap=0.002"  # ~8 events, 2 ms apart
 KEY_ENV = "TIANSHU_BENCH_MODEL_KEY"
 GATEWAY_CONCURRENCY = 64
@@ -197,6 +208,89 @@ async def gateway_part(direct: openai.AsyncOpenAI, calls: Calls, p: Params) -> t
         f"p99 {p99(through):.3f} ms"
     )
     return p50(through) - p50(bare), p99(through) - p99(bare)
+
+
+async def floor_responder(url: str) -> None:
+    """The floor's far end (its own process): a pull consumer that takes one message at a time, as
+    a gateway's worker does, publishes it back on core NATS and acknowledges it."""
+    nc = await nats.connect(url)
+    sub = await nc.jetstream().pull_subscribe(FLOOR_SUBJECT, durable="floor", stream=FLOOR_STREAM)
+    print("ready", flush=True)
+    while True:
+        try:
+            msgs = await sub.fetch(1, timeout=1.0)
+        except nats.errors.TimeoutError:
+            continue
+        for msg in msgs:
+            await nc.publish(FLOOR_BACK, msg.data)
+            await msg.ack()
+
+
+async def floor_part(services: Services, direct: openai.AsyncOpenAI, p: Params) -> tuple[float, float]:
+    """(p50 alternating with the direct call, p50 back to back), ms, of nats-py's JetStream publish
+    → pull consumer in another process → core publish back."""
+    nc = await nats.connect(services.nats_url)
+    js = nc.jetstream()
+    await js.add_stream(name=FLOOR_STREAM, subjects=[FLOOR_SUBJECT])
+    responder = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is timed
+        [sys.executable, "-m", "bench.b4", "floor-responder", services.nats_url],
+        env=services.env,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert responder.stdout is not None
+        if (await asyncio.to_thread(responder.stdout.readline)).strip() != b"ready":
+            raise SystemExit("b4: the floor's consumer did not start")
+        waiting: list[asyncio.Future[None]] = []
+
+        async def back(_msg: Msg) -> None:
+            if waiting and not waiting[0].done():
+                waiting[0].set_result(None)
+
+        await nc.subscribe(FLOOR_BACK, cb=back)
+        body = encode_request()
+
+        async def round_trip() -> None:
+            waiting[:] = [asyncio.get_running_loop().create_future()]
+            await js.publish(FLOOR_SUBJECT, body, headers={"Nats-Msg-Id": uuid.uuid4().hex})
+            await asyncio.wait_for(waiting[0], 10)
+
+        _, alternating = await timed_pairs(
+            p.n,
+            p.warmup,
+            timing(lambda: direct.chat.completions.create(model=ROUTE, messages=MESSAGES)),
+            timing(round_trip),
+        )
+        hot = []
+        for i in range(p.warmup + p.n):
+            took = await timing(round_trip)()
+            if i >= p.warmup:
+                hot.append(took)
+    finally:
+        responder.kill()
+        responder.wait()
+        await nc.close()
+    info(
+        f"b4: floor: {p.n} nats-py JetStream publishes to a pull consumer in another process, each "
+        f"published back on core NATS: p50 {p50(alternating):.3f} ms alternating with the direct call "
+        f"(as the gateway part runs), {p50(hot):.3f} ms back to back"
+    )
+    return p50(alternating), p50(hot)
+
+
+def encode_request() -> bytes:
+    """A bare call's body, as the gateway part sends it (its size and shape)."""
+    invocation = LlmInvocation.of("b4-floor", "call/0")
+    call = LlmCallRequest(
+        call_id=invocation.call_id,
+        case_key=invocation.case_key,
+        record=invocation.record,
+        attempt=1,
+        deadline=datetime.now(UTC) + timedelta(seconds=450),
+        stream=False,
+        request=REQUEST,
+    )
+    return call.model_dump_json().encode()
 
 
 async def direct_ttft(direct: openai.AsyncOpenAI) -> float:
@@ -341,6 +435,7 @@ async def run(url: str) -> str:
             for client in (text, streamed):
                 await client.start()
             gw_p50, gw_p99 = await gateway_part(direct, Calls(text), p)
+            floor, floor_hot = await floor_part(services, direct, p)
             ttft = await ttft_part(nc, direct, Calls(streamed), p)
             concurrent = await concurrent_part(direct, Calls(text), p)
             for client in (text, streamed):
@@ -358,7 +453,8 @@ async def run(url: str) -> str:
         f"b4_provider_bare_p50_ms={provider_bare:.3f} b4_gateway_overhead_p50_ms={gw_p50:.3f} "
         f"b4_gateway_overhead_p99_ms={gw_p99:.3f} b4_nats_rr_p50_ms={rr:.3f} "
         f"b4_ttft_overhead_p50_ms={ttft:.3f} b4_concurrent_ratio={concurrent:.3f} "
-        f"b4_step_overhead_ratio={step:.3f}"
+        f"b4_step_overhead_ratio={step:.3f} b4_js_floor_p50_ms={floor:.3f} "
+        f"b4_js_floor_hot_p50_ms={floor_hot:.3f}"
     )
 
 
@@ -373,4 +469,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["floor-responder"]:
+        asyncio.run(floor_responder(sys.argv[2]))
+    else:
+        main()
