@@ -242,6 +242,24 @@ def test_kind_is_required_on_the_wire_but_defaulted_in_python() -> None:
     with pytest.raises(ValidationError) as info:
         tc.CASE_COMMAND_ADAPTER.validate_json(b'{"kind": "explode_case", "case_key": "k"}')
     assert info.value.errors()[0]["type"] == "union_tag_invalid"
+    # A message nested in another needs its tag on the wire as well (the check runs after the
+    # fields, so it costs no decoding of the whole body into Python objects first).
+    result = tc.LlmCallResult(
+        call_id="c1",
+        case_key="k",
+        record="r",
+        attempt=1,
+        route="m",
+        gateway="g",
+        duration_s=0.1,
+        response=tc.llm.LlmResponse(content="hi"),
+    )
+    wire = json.loads(result.model_dump_json())
+    assert tc.LLM_CALL_RESULT_ADAPTER.validate_json(json.dumps(wire)) == result
+    del wire["response"]["kind"]
+    with pytest.raises(ValidationError) as info:
+        tc.LLM_CALL_RESULT_ADAPTER.validate_json(json.dumps(wire))
+    assert [(e["type"], e["loc"]) for e in info.value.errors()] == [("missing_kind", ("response",))]
 
 
 def test_commands_share_one_subject_and_are_told_apart_by_kind() -> None:
