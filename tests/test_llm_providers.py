@@ -555,3 +555,65 @@ async def test_a_tool_loop_over_ctx_llm(server: ModelServer, make: Maker, vendor
         blocks = [b for m in second.body["messages"] if m["role"] == "user" for b in m["content"]]
         results = [(b["tool_use_id"], b["content"]) for b in blocks if b["type"] == "tool_result"]
     assert results == [(f"{vendor.call_id}1", "2")]
+
+
+# -- an OpenAI-compatible server that answers something else ---------------------------------------
+
+
+async def _serve_once_each(bodies: dict[str, tuple[str, bytes]]) -> tuple[asyncio.Server, str]:
+    """A bare HTTP server: a POST whose body names a model in `bodies` gets that (content type,
+    body) back with status 200; what a real OpenAI-compatible server should never send."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                asked = json.loads(await reader.readexactly(length))
+                kind, body = bodies[asked["model"]]
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: "
+                    + kind.encode()
+                    + b"\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
+async def test_an_openai_reply_or_chunk_of_the_wrong_shape_is_a_transient_error() -> None:
+    sse = "text/event-stream"
+    bodies = {
+        "no-choices": ("application/json", b'{"id": "x", "object": "chat.completion"}'),
+        "a-list": ("application/json", b"[1, 2, 3]"),
+        "not-json": ("text/plain", b"hello"),
+        "list-chunk": (sse, b"data: [1, 2]\n\n"),
+        "choices-null": (sse, b'data: {"choices": null}\n\n'),
+    }
+    server, url = await _serve_once_each(bodies)
+    provider = OpenAiProvider(api_keys=["sk-test"], base_url=url)
+    try:
+        for model in ("no-choices", "a-list", "not-json"):
+            with pytest.raises(LlmError) as raised:
+                await provider.complete(ask(model))
+            assert raised.value.error_class is LlmErrorClass.TRANSIENT, model
+            assert "the reply holds no choice" in str(raised.value), model
+        for model in ("list-chunk", "choices-null"):
+            error = ending(await events(provider, ask(model)))
+            assert (error.error_class, error.incomplete) == (LlmErrorClass.TRANSIENT, False), model
+            assert "malformed chunk" in error.error.message, model
+    finally:
+        await provider.aclose()
+        server.close()
+        await server.wait_closed()
